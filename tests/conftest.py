@@ -1,0 +1,110 @@
+"""Tiny random Mixtral checkpoints, written once per test session.
+
+transformers' MixtralForCausalLM is the reference: it writes the checkpoints
+(in the original Hugging Face layout, fp32) and computes the logits ours must
+match. Shapes include odd ones: head counts that are not powers of two, GQA,
+MQA, an explicit head_dim, 4 to 8 experts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "examples" / "hermes-tokenizer"
+
+SHAPES = {
+    # 4 heads over 2 kv heads, 4 experts
+    "gqa": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4),
+    # 6 heads (not a power of two) over 3 kv heads, 8 experts, 3 layers
+    "odd": dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                num_attention_heads=6, num_key_value_heads=3, num_local_experts=8),
+    # 3 heads sharing 1 kv head, head_dim 32 != hidden/heads, 6 experts, rope 1e4
+    "mqa": dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                num_local_experts=6, rope_theta=10000.0),
+}
+
+
+def copy_tokenizer(dest: Path) -> None:
+    for f in TOKENIZER.iterdir():
+        if f.name != "README.md":
+            shutil.copy(f, dest / f.name)
+
+
+def write_hf_checkpoint(dest: Path, seed: int = 0, **shape) -> Path:
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    rope_theta = shape.pop("rope_theta", 1e6)
+    config = MixtralConfig(
+        vocab_size=32002,
+        max_position_embeddings=32768,
+        num_experts_per_tok=2,
+        bos_token_id=1,
+        eos_token_id=32000,
+        # Wider than the usual 0.02, so that logits (and greedy choices) have
+        # clear winners and float rounding cannot flip them.
+        initializer_range=0.15,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        **shape,
+    )
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    model.save_pretrained(dest)
+    copy_tokenizer(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        name: write_hf_checkpoint(root / name, seed=i, **dict(shape))
+        for i, (name, shape) in enumerate(SHAPES.items())
+    }
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(hf_checkpoints) -> Path:
+    return hf_checkpoints["gqa"]
+
+
+@pytest.fixture(scope="session")
+def torch_models(hf_checkpoints):
+    """transformers' reference models, loaded once."""
+    from transformers import MixtralForCausalLM
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = MixtralForCausalLM.from_pretrained(hf_checkpoints[name]).eval()
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def mlx_lm_quantized(hf_checkpoint, tmp_path_factory):
+    """Folders in today's mlx-lm layout, made by mlx-lm's own converter."""
+    from mlx_lm import convert
+
+    root = tmp_path_factory.mktemp("mlxq")
+    cache = {}
+
+    def get(bits: int, group_size: int) -> Path:
+        key = (bits, group_size)
+        if key not in cache:
+            out = root / f"q{bits}g{group_size}"
+            # float32, so that mlx-lm and we compute in the same dtype
+            convert(str(hf_checkpoint), str(out), quantize=True, q_bits=bits,
+                    q_group_size=group_size, dtype="float32")
+            cache[key] = out
+        return cache[key]
+
+    return get
