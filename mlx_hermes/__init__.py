@@ -2,9 +2,22 @@
 
 __version__ = "0.1.0"
 
+from .chat import ChatSession
 from .errors import HermesError
+from .generate import Chunk, generate, stream_generate
 from .loader import load
 from .model import Model, ModelArgs
 from .tokenizer import Tokenizer
 
-__all__ = ["HermesError", "Model", "ModelArgs", "Tokenizer", "load", "__version__"]
+__all__ = [
+    "ChatSession",
+    "Chunk",
+    "HermesError",
+    "Model",
+    "ModelArgs",
+    "Tokenizer",
+    "__version__",
+    "generate",
+    "load",
+    "stream_generate",
+]

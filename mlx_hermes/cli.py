@@ -2,32 +2,241 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
+from typing import Callable, Optional
 
 import click
 
 from . import __version__
 from .errors import HermesError
 
+_MODEL_HELP = "model folder or Hugging Face repo id"
+
 
 class _Group(click.Group):
-    """Turns HermesError into `error: ...` and exit 1, never a traceback."""
+    """Every error is one line on stderr and a non-zero exit, never a traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def main(self, args=None, prog_name=None, **kwargs):
         try:
-            return super().invoke(ctx)
+            code = super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
         except HermesError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except (KeyboardInterrupt, click.Abort):
+            click.echo("\ninterrupted", err=True)
             sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlx-hermes")
 def main() -> None:
     """Run Nous Hermes 2 Mixtral 8x7B with MLX."""
+
+
+def sampling_options(command: Callable) -> Callable:
+    options = [
+        click.option("--max-tokens", "-n", type=int, default=512, show_default=True,
+                     help="most tokens to generate"),
+        click.option("--temp", type=float, default=0.7, show_default=True,
+                     help="sampling temperature; 0 is greedy"),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0: off"),
+        click.option("--min-p", type=float, default=0.0, show_default=True, help="0: off"),
+        click.option("--repetition-penalty", type=float, default=None, help="e.g. 1.1"),
+        click.option("--repetition-context-size", type=int, default=20, show_default=True),
+        click.option("--seed", type=int, default=None, help="for reproducible sampling"),
+        click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
+                     callback=lambda ctx, p, v: int(v) if v else None,
+                     help="quantize the KV cache, for long contexts"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _check_options(options: dict) -> None:
+    """Reject bad sampling options before spending time on loading."""
+    from .sampling import make_logits_processors, make_sampler
+
+    if options["max_tokens"] < 1:
+        raise HermesError(f"--max-tokens must be at least 1, got {options['max_tokens']}")
+    make_sampler(options["temp"], options["top_p"], options["top_k"], options["min_p"])
+    make_logits_processors(options["repetition_penalty"], options["repetition_context_size"])
+
+
+def _load(model: str, tokens: int, kv_bits: Optional[int]):
+    from .loader import load, resolve_model_path
+    from .memory import check_fits
+
+    path = resolve_model_path(model)
+    check_fits(path, tokens, kv_bits)
+    click.echo(f"loading {model} ...", err=True)
+    return load(path)
+
+
+def _prefill_progress(done: int, total: int) -> None:
+    if total > 2048:  # only prompts long enough to take a while
+        click.echo(f"\rprefill {done}/{total} tokens", err=True, nl=done == total)
+
+
+def _stats_line(stats: dict) -> str:
+    return (
+        f"prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tok/s | "
+        f"generation: {stats['generated_tokens']} tokens, {stats['decode_tps']:.1f} tok/s | "
+        f"ttft {stats['ttft_s']:.2f} s | peak memory {stats['peak_memory_gb']:.2f} GB"
+    )
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help=_MODEL_HELP)
+@click.option("--prompt", "-p", required=True, help="the prompt; - reads standard input")
+@click.option("--system", "-s", default=None, help="system prompt")
+@click.option("--raw", is_flag=True, help="send the prompt verbatim, without the chat template")
+@click.option("--stop", multiple=True, help="stop at this string (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object at the end")
+@sampling_options
+def generate(model: str, prompt: str, system: Optional[str], raw: bool, stop: tuple,
+             as_json: bool, **options) -> None:
+    """Complete one prompt (a ChatML user turn unless --raw)."""
+    from .generate import stream_generate
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise HermesError("the prompt is empty")
+    _check_options(options)
+    # A character is at least one token's worth of text: a safe upper bound.
+    model_obj, tokenizer = _load(model, len(prompt) + options["max_tokens"], options["kv_bits"])
+    if raw:
+        ids = tokenizer.encode(prompt)
+    else:
+        messages = [{"role": "system", "content": system}] if system else []
+        ids = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
+
+    text, tokens, last = [], [], None
+    for chunk in stream_generate(model_obj, tokenizer, ids, stop=stop,
+                                 progress=_prefill_progress, **options):
+        tokens.append(chunk.token)
+        text.append(chunk.text)
+        if not as_json:
+            click.echo(chunk.text, nl=False)
+        last = chunk
+    if as_json:
+        result = {"text": "".join(text), "tokens": tokens,
+                  "finish_reason": last.finish_reason, **last.stats}
+        click.echo(json.dumps(result))
+    else:
+        click.echo()
+        click.echo(_stats_line(last.stats), err=True)
+
+
+CHAT_HELP = """commands:
+  /reset         forget the conversation (keeps the system prompt)
+  /system TEXT   set the system prompt (no TEXT: remove it)
+  /save FILE     save the conversation, KV cache included
+  /load FILE     resume a saved conversation
+  /stats         speed and memory of the last reply
+  /help          this help
+  /exit          leave (or Ctrl-D); Ctrl-C stops a reply"""
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help=_MODEL_HELP)
+@click.option("--system", "-s", default=None, help="system prompt")
+@sampling_options
+def chat(model: str, system: Optional[str], **options) -> None:
+    """Talk with the model in the terminal."""
+    from .chat import ChatSession
+
+    _check_options(options)
+    model_obj, tokenizer = _load(model, 8192, options["kv_bits"])
+    session = ChatSession(model_obj, tokenizer, system=system, **options)
+    _repl(session)
+
+
+def _repl(session) -> None:
+    from .chat import ChatSession
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    click.echo("mlx-hermes chat: /help for commands, Ctrl-D to exit", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo()
+            continue
+        command, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        try:
+            if not line.strip():
+                continue
+            if command in ("/exit", "/quit", "/bye"):
+                return
+            if command == "/help":
+                click.echo(CHAT_HELP)
+            elif command == "/reset":
+                session.reset()
+                click.echo("(conversation cleared)")
+            elif command == "/system":
+                session.set_system(arg or None)
+                click.echo("(system prompt set)" if arg else "(system prompt removed)")
+            elif command == "/save":
+                _need(arg, "/save FILE")
+                session.save(arg)
+                click.echo(f"(saved to {arg})")
+            elif command == "/load":
+                _need(arg, "/load FILE")
+                session = ChatSession.load(arg, session.model, session.tokenizer,
+                                           **session.options)
+                click.echo(f"(resumed {len(session.messages)} messages from {arg})")
+            elif command == "/stats":
+                click.echo(_stats_line(session.last_stats) if session.last_stats
+                           else "(no reply yet)")
+            elif command.startswith("/"):
+                click.echo(f"unknown command {command}; /help lists them")
+            else:
+                _reply(session, line)
+        except HermesError as e:
+            click.echo(f"error: {e}", err=True)
+
+
+def _need(arg: str, usage: str) -> None:
+    if not arg:
+        raise HermesError(f"usage: {usage}")
+
+
+def _reply(session, text: str) -> None:
+    from .chat import ContextFull
+
+    while True:
+        stream = session.send(text)
+        try:
+            for chunk in stream:
+                click.echo(chunk.text, nl=False)
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo("\n(stopped)")
+            return
+        except ContextFull as e:
+            if not click.confirm(f"{e}. Drop the oldest turns?", default=True):
+                return
+            if not session.drop_oldest_turn():
+                raise HermesError("this message alone is too long for the context") from None
+        finally:
+            stream.close()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Iterable, Union
 
-from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
+import copy
+
+from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer, StreamingDetokenizer, TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 
 from .errors import HermesError, first_line
@@ -39,6 +41,11 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(ids)
         self.bos_token_id: int | None = self._hf.bos_token_id
         self.vocab_size: int = len(self._hf)
+        # mlx-lm picks its SentencePiece detokenizer only from a tokenizer.json;
+        # without one (Hermes ships tokenizer.model) it falls back to a naive
+        # one that repeats text around byte-fallback characters.
+        spm = "<0x0A>" in vocab and "\u2581" in vocab
+        self._spm_detokenizer = SPMStreamingDetokenizer(self._hf) if spm else None
 
     @classmethod
     def from_path(cls, path: Path, extra_eos_token_ids: Union[int, Iterable[int], None] = None) -> "Tokenizer":
@@ -65,6 +72,8 @@ class Tokenizer:
         The single place where chat prompts are built, so the CLI, the chat
         session and the server all produce the same ids.
         """
+        if not messages:
+            return self.encode("")
         template = None if self._hf.chat_template else CHATML_TEMPLATE
         text = self._hf.apply_chat_template(
             messages,
@@ -80,7 +89,11 @@ class Tokenizer:
     @property
     def detokenizer(self) -> StreamingDetokenizer:
         """A fresh streaming detokenizer (mlx-lm's): text in whole characters."""
-        return self._wrapper.detokenizer
+        if self._spm_detokenizer is None:
+            return self._wrapper.detokenizer
+        detokenizer = copy.copy(self._spm_detokenizer)  # shares the token map
+        detokenizer.reset()
+        return detokenizer
 
     @property
     def hf_tokenizer(self):

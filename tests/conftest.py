@@ -108,3 +108,32 @@ def mlx_lm_quantized(hf_checkpoint, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """examples/make_tiny_model.py's model: the real checkpoint's layout, bf16."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_model",
+                                                  ROOT / "examples" / "make_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("tiny") / "tiny-hermes"
+    module.main([str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaded(hf_checkpoints):
+    """(model, tokenizer) per shape, loaded once."""
+    import mlx_hermes
+
+    cache = {}
+
+    def get(name: str = "gqa"):
+        if name not in cache:
+            cache[name] = mlx_hermes.load(hf_checkpoints[name])
+        return cache[name]
+
+    return get

@@ -27,7 +27,7 @@ def test_readme_run_command_works_on_the_tiny_model(tmp_path):
     done = subprocess.run(" && ".join(steps), shell=True, cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert len(done.stdout.strip().splitlines()) >= 5  # e.g. the top-5 next tokens
+    assert done.stdout.strip() and "generation:" in done.stderr
 
     # The Python example, against the model that command wrote.
     example = blocks("python")[0]

@@ -1,0 +1,180 @@
+"""Streaming text generation.
+
+The token loop is mlx-lm's `generate_step` (chunked prefill, double-buffered
+decode with `mx.async_eval`, samplers and logits processors); this module adds
+what a user of Hermes sees: prompts as text or ids, whole-character text
+chunks, stop strings, end-of-turn tokens, context checks and statistics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step, generation_stream, wired_limit
+
+from .cache import make_cache
+from .errors import HermesError
+from .model import Model
+from .sampling import make_logits_processors, make_sampler
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class Chunk:
+    """One generated token and the text it completes.
+
+    text is "" while a multi-byte character or a possible stop string is
+    still incomplete. The last chunk carries `stats` and `finish_reason`
+    ("stop": an end-of-turn token or a stop string; "length": max_tokens).
+    """
+
+    text: str
+    token: int
+    stats: Optional[dict] = None
+    finish_reason: Optional[str] = None
+
+
+def stream_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+    seed: Optional[int] = None,
+    stop: Optional[Iterable[str]] = None,
+    logits_processors: Optional[list[Callable]] = None,
+    kv_bits: Optional[int] = None,
+    cache: Optional[list] = None,
+    prefill_step_size: int = 2048,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Iterator[Chunk]:
+    """Generate from `prompt`: raw text (tokenized as is, with one BOS) or
+    token ids (used as given; build chat prompts with
+    `tokenizer.apply_chat_template`). Pass `cache` (from `make_cache`) to
+    continue where an earlier call left off: the prompt then holds only the
+    new tokens. `progress(done, total)` is called during prefill."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids or (isinstance(prompt, str) and not prompt):
+        raise HermesError("the prompt is empty")
+    if max_tokens < 1:
+        raise HermesError(f"max_tokens must be at least 1, got {max_tokens}")
+    if cache is None:
+        cache = make_cache(model, kv_bits)
+    check_context(model, cache[0].offset + len(ids), max_tokens)
+    if seed is not None:
+        mx.random.seed(seed)
+
+    sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    processors = make_logits_processors(repetition_penalty, repetition_context_size)
+    processors += list(logits_processors or [])
+    detokenizer = tokenizer.detokenizer
+    stops = StopStrings(stop or ())
+    eos = tokenizer.eos_token_ids
+
+    start = time.perf_counter()
+    first = None
+    n = 0
+
+    def stats() -> dict:
+        end = time.perf_counter()
+        return {
+            "prompt_tokens": len(ids),
+            "prompt_tps": len(ids) / (first - start),
+            "ttft_s": first - start,
+            "generated_tokens": n,
+            # the first token comes out of prefill, so it is not counted here
+            "decode_tps": (n - 1) / (end - first) if n > 1 else 0.0,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        }
+
+    with wired_limit(model, [generation_stream]):
+        steps = generate_step(
+            mx.array(ids),
+            model,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=processors or None,
+            prompt_cache=cache,
+            prefill_step_size=prefill_step_size,
+            prompt_progress_callback=progress,
+        )
+        try:
+            for token, _ in steps:
+                if first is None:
+                    first = time.perf_counter()
+                n += 1
+                if token in eos:
+                    detokenizer.finalize()
+                    text = stops.flush(detokenizer.last_segment)
+                    yield Chunk(text, token, stats(), "stop")
+                    return
+                detokenizer.add_token(token)
+                text, hit = stops.feed(detokenizer.last_segment)
+                if hit:
+                    yield Chunk(text, token, stats(), "stop")
+                    return
+                if n == max_tokens:
+                    detokenizer.finalize()
+                    text += stops.flush(detokenizer.last_segment)
+                    yield Chunk(text, token, stats(), "length")
+                    return
+                yield Chunk(text, token)
+        finally:
+            steps.close()
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, **options) -> str:
+    """The whole completion as one string; options as for `stream_generate`."""
+    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, **options))
+
+
+def check_context(model: Model, prompt_tokens: int, max_tokens: int) -> None:
+    limit = model.args.max_position_embeddings
+    if prompt_tokens + max_tokens > limit:
+        raise HermesError(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds "
+            f"the model's context of {limit} tokens"
+        )
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back any tail
+    that might be the start of one, so no stop text is ever emitted."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached."""
+        buf = self.pending + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return buf[: min(hits)], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if s.startswith(buf[-k:]):
+                    hold = k
+                    break
+        self.pending = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold], False
+
+    def flush(self, text: str) -> str:
+        """The rest of the text at the end of generation."""
+        out, hit = self.feed(text)
+        if not hit:
+            out, self.pending = out + self.pending, ""
+        return out
