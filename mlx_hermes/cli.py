@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from typing import Callable, Optional
@@ -237,6 +236,68 @@ def _reply(session, text: str) -> None:
                 raise HermesError("this message alone is too long for the context") from None
         finally:
             stream.close()
+
+
+@main.command()
+@click.option("--hf-path", required=True, help="original checkpoint: folder or Hugging Face repo id")
+@click.option("--mlx-path", required=True, help="output folder (must not exist, unless --force)")
+@click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64",
+              show_default=True)
+@click.option("--recipe", type=click.Choice(["uniform", "mixed"]), default="uniform",
+              show_default=True, help="mixed: router 8-bit; v_proj, embeddings, LM head 6-bit")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+              default="bfloat16", show_default=True, help="of scales and unquantized tensors")
+@click.option("--report", is_flag=True, help="measure the quantization error and KL divergence")
+@click.option("--force", is_flag=True, help="replace an existing output folder")
+def convert(hf_path: str, mlx_path: str, bits: str, group_size: str, recipe: str, dtype: str,
+            report: bool, force: bool) -> None:
+    """Quantize the original checkpoint to MLX, in bounded memory."""
+    from tqdm import tqdm
+
+    converter = _converter()
+    bar = tqdm(unit="B", unit_scale=True, desc="converting", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        summary = converter.convert(hf_path, mlx_path, bits=int(bits),
+                                    group_size=int(group_size), recipe=recipe, dtype=dtype,
+                                    force=force, progress=progress)
+    finally:
+        bar.close()
+    click.echo(f"wrote {mlx_path}: {summary['size_bytes'] / 1e9:.2f} GB, "
+               f"{summary['bits_per_weight']:.3f} bits per weight "
+               f"({recipe} {bits}-bit, group size {group_size}); "
+               f"chat with it: mlx-hermes chat --model {mlx_path}")
+    if report:
+        from mlx_hermes.loader import resolve_model_path
+
+        result = converter.quality_report(resolve_model_path(hf_path), mlx_path)
+        click.echo(converter.format_report(result))
+
+
+def _converter():
+    """The converter package: installed as mlx_hermes_convert, or convert/ in a
+    source checkout. Imported only here, so the runtime never depends on it."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        return importlib.import_module("mlx_hermes_convert")
+    except ImportError:
+        folder = Path(__file__).resolve().parent.parent / "convert"
+        spec = importlib.util.spec_from_file_location(
+            "mlx_hermes_convert", folder / "__init__.py", submodule_search_locations=[str(folder)])
+        if spec is None:
+            raise HermesError("the converter is not installed (no convert/ folder)") from None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["mlx_hermes_convert"] = module
+        spec.loader.exec_module(module)
+        return module
 
 
 if __name__ == "__main__":

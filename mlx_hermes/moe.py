@@ -57,13 +57,17 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(dims, num_experts, bias=False)
         self.switch_mlp = Experts(dims, hidden_dims, num_experts)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        # As transformers does: softmax over all E logits in float32, keep the
-        # top k, renormalise them to sum to 1.
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Each token's k experts and their weights, as transformers does:
+        softmax over all E logits in float32, keep the top k, renormalise."""
         probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)  # [B, L, E]
         k = self.top_k
         indices = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]  # [B, L, k]
         weights = mx.take_along_axis(probs, indices, axis=-1)
-        weights = (weights / weights.sum(axis=-1, keepdims=True)).astype(x.dtype)
-        y = self.switch_mlp(x, mx.stop_gradient(indices))  # [B, L, k, D]
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        return mx.stop_gradient(indices), weights.astype(x.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, weights = self.route(x)
+        y = self.switch_mlp(x, indices)  # [B, L, k, D]
         return (y * weights[..., None]).sum(axis=-2)  # [B, L, D]

@@ -48,7 +48,9 @@ class Tokenizer:
         self._spm_detokenizer = SPMStreamingDetokenizer(self._hf) if spm else None
 
     @classmethod
-    def from_path(cls, path: Path, extra_eos_token_ids: Union[int, Iterable[int], None] = None) -> "Tokenizer":
+    def from_path(
+        cls, path: Path, extra_eos_token_ids: Union[int, Iterable[int], None] = None
+    ) -> "Tokenizer":
         """extra_eos_token_ids: e.g. config.json's eos_token_id (an int or a list)."""
         try:
             wrapper = load_mlx_lm_tokenizer(Path(path))

@@ -30,6 +30,31 @@ SHAPES = {
 }
 
 
+def copy_model(src: Path, dest: Path, **config_changes) -> Path:
+    """A copy of a model folder to break or change, e.g. max_position_embeddings=64."""
+    shutil.copytree(src, dest)
+    edit_config(dest, **config_changes)
+    return dest
+
+
+def edit_config(folder: Path, **changes) -> None:
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def edit_weights(folder: Path, edit) -> None:
+    """Rewrite a one-file checkpoint after edit(weights_dict)."""
+    import mlx.core as mx
+
+    file = folder / "model.safetensors"
+    weights = dict(mx.load(str(file)))
+    edit(weights)
+    mx.save_safetensors(str(file), weights)
+
+
 def copy_tokenizer(dest: Path) -> None:
     for f in TOKENIZER.iterdir():
         if f.name != "README.md":

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 import mlx_hermes
 from mlx_hermes import ChatSession, HermesError, stream_generate
 from mlx_hermes.chat import ContextFull
+
+from .conftest import copy_model
 
 
 def recorder(store: list):
@@ -149,13 +149,7 @@ def test_system_prompt_reset_and_dropping_turns(loaded):
 
 
 def test_full_context_raises_context_full(hf_checkpoint, tmp_path):
-    import shutil
-
-    small = tmp_path / "small"
-    shutil.copytree(hf_checkpoint, small)
-    config = json.loads((small / "config.json").read_text())
-    config["max_position_embeddings"] = 64
-    (small / "config.json").write_text(json.dumps(config))
+    small = copy_model(hf_checkpoint, tmp_path / "small", max_position_embeddings=64)
     model, tokenizer = mlx_hermes.load(small)
     session = ChatSession(model, tokenizer, max_tokens=20)
     reply(session, "Hello")

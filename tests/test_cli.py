@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import mlx_hermes
 from mlx_hermes.cli import main
 
-from .conftest import ROOT
+from .conftest import ROOT, copy_model
 
 
 def run(*args, input=None):
@@ -160,11 +160,7 @@ def test_chat_repl_in_a_real_terminal(tiny_model):
 
 
 def test_chat_offers_to_drop_old_turns_when_the_context_is_full(tiny_model, tmp_path):
-    small = tmp_path / "small"
-    shutil.copytree(tiny_model, small)
-    config = json.loads((small / "config.json").read_text())
-    config["max_position_embeddings"] = 64
-    (small / "config.json").write_text(json.dumps(config))
+    small = copy_model(tiny_model, tmp_path / "small", max_position_embeddings=64)
     long = "This is a rather long message " * 2
     result = run("chat", "-m", str(small), "-n", "20", "--temp", "0",
                  input=f"Hello\n{long}\ny\n/exit\n")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import mlx.core as mx
 import pytest
@@ -12,24 +11,12 @@ import mlx_hermes
 from mlx_hermes import HermesError
 
 
+from .conftest import copy_model, edit_config, edit_weights
+
+
 @pytest.fixture
 def folder(hf_checkpoint, tmp_path):
-    dest = tmp_path / "model"
-    shutil.copytree(hf_checkpoint, dest)
-    return dest
-
-
-def edit_weights(folder, edit):
-    file = folder / "model.safetensors"
-    weights = dict(mx.load(str(file)))
-    edit(weights)
-    mx.save_safetensors(str(file), weights)
-
-
-def edit_config(folder, **changes):
-    config = json.loads((folder / "config.json").read_text())
-    config.update(changes)
-    (folder / "config.json").write_text(json.dumps(config))
+    return copy_model(hf_checkpoint, tmp_path / "model")
 
 
 def load_error(path) -> str:

@@ -1,0 +1,179 @@
+"""Hugging Face Hermes 2 Mixtral -> MLX quantized folder, streaming and atomic.
+
+One module at a time: read its tensors (for experts, that layer's E experts
+of one projection), quantize, write, forget. The output folder is built
+beside OUT under a temporary name and renamed at the end, so a failure or
+Ctrl-C leaves neither a partial OUT nor the temporary folder.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from mlx_hermes.errors import HermesError
+from mlx_hermes.loader import read_config, resolve_model_path, to_dtype
+from mlx_hermes.model import ModelArgs
+
+from .plan import Item, Source, make_plan
+from .writer import ShardWriter, nbytes, split_into_shards
+
+# Copied beside the weights when the source has them.
+SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+              "chat_template.jinja", "LICENSE", "LICENSE.tokenizer")
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str,
+    bits: int = 4,
+    group_size: int = 64,
+    recipe: str = "uniform",
+    dtype: str = "bfloat16",
+    force: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> dict:
+    """Convert and return a summary: bits per weight, sizes, files.
+
+    progress(done, total) is called as source bytes are consumed.
+    """
+    out = Path(mlx_path).expanduser()
+    if out.exists() and not force:
+        raise HermesError(f"{out} already exists; pass --force to replace it")
+    out_dtype = to_dtype(dtype)
+    src = resolve_model_path(hf_path)
+    config = read_config(src)
+    if "quantization" in config:
+        raise HermesError(f"{src} is already quantized; convert from the original checkpoint")
+    args = ModelArgs.from_dict(config)
+    source = Source.open(src)
+    items = make_plan(source, args, bits, group_size, recipe)
+    specs = [spec for item in items for spec in item.outputs(out_dtype)]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.converting-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer = ShardWriter(tmp, split_into_shards(specs))
+        total = sum(_source_bytes(source, s) for item in items for s in item.sources)
+        done = 0
+        try:
+            for item in items:
+                for name, array in convert_item(source, item, out_dtype):
+                    writer.write(name, array)
+                done += sum(_source_bytes(source, s) for s in item.sources)
+                if progress:
+                    progress(done, total)
+        finally:
+            writer.close()
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(writer.index(), indent=2))
+        summary = _summary(items, writer, bits, group_size, recipe, dtype, str(hf_path))
+        _write_config(tmp / "config.json", config, items, bits, group_size, dtype)
+        for name in SIDE_FILES:
+            if (src / name).exists():
+                shutil.copy(src / name, tmp / name)
+        (tmp / "README.md").write_text(_model_card(summary))
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def convert_item(source: Source, item: Item, dtype: mx.Dtype):
+    """Yield (name, array) for one planned item, in the planned order."""
+    if len(item.sources) > 1:  # experts: stack one projection of every expert
+        w = mx.stack([source.read(n).astype(dtype) for n in item.sources])
+    else:
+        w = source.read(item.sources[0]).astype(dtype)
+    if item.bits is None:
+        mx.eval(w)
+        yield item.name, w
+        return
+    q, scales, biases = mx.quantize(w, group_size=item.group_size, bits=item.bits)
+    del w
+    mx.eval(q, scales, biases)
+    yield f"{item.name}.weight", q
+    yield f"{item.name}.scales", scales
+    yield f"{item.name}.biases", biases
+
+
+def _source_bytes(source: Source, name: str) -> int:
+    _, dtype, shape = source.tensors[name]
+    return _count(shape) * {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+
+
+def _summary(items: list[Item], writer: ShardWriter, bits: int, group_size: int, recipe: str,
+             dtype: str, source: str) -> dict:
+    out_dtype = to_dtype(dtype)
+    quantized = [item for item in items if item.bits is not None]
+    params = sum(_count(item.shape) for item in quantized)
+    stored = sum(nbytes(spec) for item in quantized for spec in item.outputs(out_dtype))
+    return {
+        "source": source,
+        "recipe": recipe,
+        "bits": bits,
+        "group_size": group_size,
+        "dtype": dtype,
+        "bits_per_weight": 8 * stored / params,  # packed weights, scales and biases
+        "size_bytes": writer.index()["metadata"]["total_size"],
+        "files": writer.names,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _count(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _write_config(path: Path, config: dict, items: list[Item], bits: int, group_size: int,
+                  dtype: str) -> None:
+    quantization = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for item in items:
+        if item.bits is not None:
+            quantization[item.name] = {"group_size": item.group_size, "bits": item.bits}
+    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "dtype")}
+    config.update(quantization=quantization, quantization_config=quantization, torch_dtype=dtype)
+    path.write_text(json.dumps(dict(sorted(config.items())), indent=2))
+
+
+def _model_card(s: dict) -> str:
+    return f"""# Nous Hermes 2 Mixtral 8x7B DPO, MLX {s['recipe']} {s['bits']}-bit
+
+Converted by mlx-hermes on {s['date']} from `{s['source']}`.
+
+| | |
+| --- | --- |
+| recipe | {s['recipe']} (group size {s['group_size']}, scales in {s['dtype']}) |
+| bits | {s['bits']} |
+| bits per weight | {s['bits_per_weight']:.3f} |
+| size | {s['size_bytes'] / 1e9:.2f} GB |
+
+Loads with `mlx_hermes.load` and with `mlx_lm.load`. Run it with
+`mlx-hermes chat --model <this folder>`.
+"""
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Put tmp in out's place; an existing out (with --force) goes only once
+    the new one is complete."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    tmp.rename(out)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()

@@ -1,0 +1,241 @@
+"""`mlx-hermes convert`: correct, loadable by mlx-lm, atomic, and strict about input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import mlx_hermes
+import mlx_hermes_convert
+from mlx_hermes import HermesError
+from mlx_hermes.cli import main
+from mlx_hermes_convert import converter, writer
+
+from .conftest import copy_model, edit_weights
+from .test_cli import mlx_hermes_command
+from .test_quantized import mlx_lm_logits
+
+PROMPT = "The quick brown fox jumps over the lazy dog, then"
+
+
+def logits(path, tokens, **kw):
+    model, _ = mlx_hermes.load(path, **kw)
+    return np.array(model(mx.array([tokens]))[0])
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def tokens(hf_checkpoint):
+    _, tokenizer = mlx_hermes.load(hf_checkpoint, lazy=True)
+    return tokenizer.encode(PROMPT)
+
+
+@pytest.fixture(scope="module")
+def converted(hf_checkpoint, tmp_path_factory):
+    """Our conversions of the fp32 one-file checkpoint, float32 scales."""
+    root = tmp_path_factory.mktemp("conv")
+    cache = {}
+
+    def get(bits, recipe):
+        if (bits, recipe) not in cache:
+            out = root / f"q{bits}{recipe}"
+            mlx_hermes_convert.convert(str(hf_checkpoint), str(out), bits=bits, group_size=32,
+                                       recipe=recipe, dtype="float32")
+            cache[bits, recipe] = out
+        return cache[bits, recipe]
+
+    return get
+
+
+# Random tiny weights are wide, so 4-bit noise compounds more than in the real model.
+TOLERANCE = {4: 0.6, 5: 0.3, 8: 0.05}
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("recipe", ["uniform", "mixed"])
+def test_converted_logits_stay_close_to_the_source(hf_checkpoint, converted, tokens, bits,
+                                                   recipe):
+    source = logits(hf_checkpoint, tokens)
+    out = converted(bits, recipe)
+    ours = logits(out, tokens)
+    assert rel(ours, source) < TOLERANCE[bits]
+    # mlx-lm loads our folder unchanged and computes the same thing
+    assert np.abs(mlx_lm_logits(out, tokens) - ours).max() <= 1e-4 * np.abs(ours).max()
+
+
+def test_uniform_equals_mlx_lm_own_conversion(converted, mlx_lm_quantized, tokens):
+    ours = logits(converted(4, "uniform"), tokens)
+    theirs = logits(mlx_lm_quantized(4, 32), tokens)
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+def test_mixed_recipe_spends_bits_where_it_pays(converted, hf_checkpoint, tokens):
+    config = json.loads((converted(4, "mixed") / "config.json").read_text())
+    q = config["quantization"]
+    assert q["model.layers.0.block_sparse_moe.gate"]["bits"] == 8
+    assert q["model.layers.0.self_attn.v_proj"]["bits"] == 6
+    assert q["lm_head"]["bits"] == q["model.embed_tokens"]["bits"] == 6
+    assert q["model.layers.0.block_sparse_moe.switch_mlp.up_proj"]["bits"] == 4
+    assert q["model.layers.0.self_attn.q_proj"]["bits"] == 4
+    assert config["quantization_config"] == q
+    source = logits(hf_checkpoint, tokens)
+    assert rel(logits(converted(4, "mixed"), tokens), source) < \
+        rel(logits(converted(4, "uniform"), tokens), source)
+
+
+def test_sharded_bf16_source_and_sharded_output(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "MAX_SHARD_BYTES", 1_000_000)
+    monkeypatch.setattr(converter, "split_into_shards",
+                        lambda specs: writer.split_into_shards(specs, 1_000_000))
+    out = tmp_path / "out"
+    summary = mlx_hermes_convert.convert(str(tiny_model), str(out), bits=4, group_size=64)
+    files = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(files) > 2 and files == summary["files"]
+    assert all(p.stat().st_size <= 1_500_000 for p in out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json",
+                 "README.md", "config.json"):
+        assert (out / name).exists()
+    assert "bits per weight" in (out / "README.md").read_text()
+    assert 4.4 < summary["bits_per_weight"] < 4.6  # 4 bits + bf16 scale and bias per 64
+    model, tokenizer = mlx_hermes.load(out)
+    ids = tokenizer.encode(PROMPT)
+    assert rel(np.array(model(mx.array([ids]))[0]), logits(tiny_model, ids)) < 0.6
+
+
+def test_cli_conversion_with_progress_and_report(hf_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["convert", "--hf-path", str(hf_checkpoint), "--mlx-path",
+                                       str(out), "--bits", "8", "--group-size", "32",
+                                       "--report"])
+    assert result.exit_code == 0, result.output
+    assert "converting" in result.stderr and "100%" in result.stderr
+    assert "bits per weight" in result.stdout and "KL(source || converted)" in result.stdout
+    for kind in ("experts", "attention", "router", "embeddings"):
+        assert kind in result.stdout
+
+
+def test_report_prefers_more_bits(hf_checkpoint, converted):
+    four = mlx_hermes_convert.quality_report(hf_checkpoint, converted(4, "uniform"))
+    eight = mlx_hermes_convert.quality_report(hf_checkpoint, converted(8, "uniform"))
+    assert eight["kl_mean"] < four["kl_mean"] / 4
+    assert eight["relative_error"]["experts"] < four["relative_error"]["experts"] / 4
+    assert four["top1_agreement"] <= eight["top1_agreement"]
+
+
+def convert_error(*args) -> str:
+    result = CliRunner().invoke(main, ["convert", *map(str, args)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+@pytest.fixture
+def broken(hf_checkpoint, tmp_path):
+    return copy_model(hf_checkpoint, tmp_path / "src")
+
+
+def test_bad_sources(broken, tmp_path):
+    out = tmp_path / "out"
+    config = json.loads((broken / "config.json").read_text())
+
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    assert "'llama'" in convert_error("--hf-path", broken, "--mlx-path", out)
+    (broken / "config.json").write_text("{")
+    assert "config.json" in convert_error("--hf-path", broken, "--mlx-path", out)
+    (broken / "config.json").write_text(json.dumps(config))
+
+    assert "group size 64 does not divide" in convert_error(
+        "--hf-path", broken, "--mlx-path", out, "--group-size", "64")
+    assert "'3' is not one of" in convert_error("--hf-path", broken, "--mlx-path", out,
+                                                 "--bits", "3")
+
+    edit_weights(broken, lambda w: w.pop("model.layers.1.block_sparse_moe.experts.2.w2.weight"))
+    assert "missing tensor model.layers.1.block_sparse_moe.experts.2.w2.weight" in \
+        convert_error("--hf-path", broken, "--mlx-path", out, "--group-size", "32")
+
+    def reshape(w):
+        w["model.layers.1.block_sparse_moe.experts.2.w2.weight"] = mx.zeros((64, 32))
+    edit_weights(broken, reshape)
+    assert "experts.2.w2.weight has shape [64, 32], expected [64, 96]" in \
+        convert_error("--hf-path", broken, "--mlx-path", out, "--group-size", "32")
+
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[:-1000])
+    assert "truncated" in convert_error("--hf-path", broken, "--mlx-path", out)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 16)
+    assert "not a valid safetensors file" in convert_error("--hf-path", broken, "--mlx-path", out)
+    assert not out.exists()
+
+
+def test_existing_output_and_already_quantized_source(hf_checkpoint, converted, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert "already exists; pass --force" in convert_error("--hf-path", hf_checkpoint,
+                                                           "--mlx-path", out)
+    assert "already quantized" in convert_error("--hf-path", converted(4, "uniform"),
+                                                "--mlx-path", tmp_path / "again")
+
+
+def test_interruption_leaves_nothing_behind(hf_checkpoint, tmp_path, monkeypatch):
+    real = converter.convert_item
+    calls = {"n": 0}
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        yield from real(*args)
+
+    monkeypatch.setattr(converter, "convert_item", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        mlx_hermes_convert.convert(str(hf_checkpoint), str(out), group_size=32)
+    assert list(tmp_path.iterdir()) == []
+
+    # With --force, the old output survives an interrupted replacement.
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        mlx_hermes_convert.convert(str(hf_checkpoint), str(out), group_size=32, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "keep.txt").read_text() == "old"
+
+
+def test_force_replaces_the_output(hf_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    mlx_hermes_convert.convert(str(hf_checkpoint), str(out), group_size=32, force=True)
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_convert_process_smoke(hf_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(mlx_hermes_command() + ["convert", "--hf-path", str(hf_checkpoint),
+                                                  "--mlx-path", str(out), "--group-size", "32"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.safetensors.index.json").exists()
+
+
+def test_runtime_does_not_import_the_converter():
+    import sys
+
+    code = "import sys, mlx_hermes.cli, mlx_hermes; print('mlx_hermes_convert' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False"
+    with pytest.raises(HermesError):
+        mlx_hermes_convert.convert("/no/such/source", "/tmp/never")
