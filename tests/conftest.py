@@ -61,7 +61,8 @@ def copy_tokenizer(dest: Path) -> None:
             shutil.copy(f, dest / f.name)
 
 
-def write_hf_checkpoint(dest: Path, seed: int = 0, **shape) -> Path:
+def write_hf_checkpoint(dest: Path, seed: int = 0, max_shard_size: str = "5GB",
+                        **shape) -> Path:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -80,7 +81,7 @@ def write_hf_checkpoint(dest: Path, seed: int = 0, **shape) -> Path:
     )
     torch.manual_seed(seed)
     model = MixtralForCausalLM(config).eval()
-    model.save_pretrained(dest)
+    model.save_pretrained(dest, max_shard_size=max_shard_size)
     copy_tokenizer(dest)
     return dest
 

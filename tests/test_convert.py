@@ -16,7 +16,7 @@ from mlx_hermes import HermesError
 from mlx_hermes.cli import main
 from mlx_hermes_convert import converter, writer
 
-from .conftest import copy_model, edit_weights
+from .conftest import SHAPES, copy_model, edit_weights, write_hf_checkpoint
 from .test_cli import mlx_hermes_command
 from .test_quantized import mlx_lm_logits
 
@@ -110,6 +110,15 @@ def test_sharded_bf16_source_and_sharded_output(tiny_model, tmp_path, monkeypatc
     model, tokenizer = mlx_hermes.load(out)
     ids = tokenizer.encode(PROMPT)
     assert rel(np.array(model(mx.array([ids]))[0]), logits(tiny_model, ids)) < 0.6
+
+
+def test_sharded_transformers_checkpoint_converts_like_the_one_file_one(converted, tmp_path,
+                                                                       tokens):
+    sharded = write_hf_checkpoint(tmp_path / "sharded", max_shard_size="1MB", **SHAPES["gqa"])
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    out = tmp_path / "out"
+    mlx_hermes_convert.convert(str(sharded), str(out), bits=4, group_size=32, dtype="float32")
+    assert np.array_equal(logits(out, tokens), logits(converted(4, "uniform"), tokens))
 
 
 def test_cli_conversion_with_progress_and_report(hf_checkpoint, tmp_path):
