@@ -239,6 +239,100 @@ def _reply(session, text: str) -> None:
 
 
 @main.command()
+@click.option("--model", "-m", default=None, help=_MODEL_HELP)
+@click.option("--synthetic", type=click.Choice(["8x7b", "tiny"]), default=None,
+              help="random weights of the real shapes, built here (no download)")
+@click.option("--layers", type=int, default=None,
+              help="with --synthetic: build only N layers and extrapolate to the full model")
+@click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), default="4", show_default=True,
+              help="with --synthetic")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64",
+              show_default=True, help="with --synthetic")
+@click.option("--prompt-tokens", type=int, default=512, show_default=True)
+@click.option("--gen-tokens", type=int, default=128, show_default=True)
+@click.option("--trials", type=int, default=3, show_default=True)
+@click.option("--compare-mlx-lm", is_flag=True, help="also time mlx-lm's Mixtral on the same weights")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int], bits: str,
+            group_size: str, prompt_tokens: int, gen_tokens: int, trials: int,
+            compare_mlx_lm: bool, as_json: bool) -> None:
+    """Tokens/s and memory bandwidth, against this machine's limit."""
+    from . import profile as prof
+    from .chip import detect, measure_bandwidth
+    from .memory import metal_working_set
+
+    if (model is None) == (synthetic is None):
+        raise HermesError("give either --model or --synthetic")
+    if layers is not None and synthetic is None:
+        raise HermesError("--layers applies to --synthetic only")
+    if prompt_tokens < 1 or gen_tokens < 2 or trials < 1:
+        raise HermesError("--prompt-tokens must be >= 1, --gen-tokens >= 2 and --trials >= 1")
+    chip = detect()
+    if not chip.name.startswith("Apple"):
+        chip.measured_gbs = measure_bandwidth()
+    working_set = metal_working_set()
+    limit = working_set or chip.memory_bytes
+    import mlx.core as mx
+
+    on_cpu = mx.default_device() == mx.cpu
+    if synthetic:
+        full = prof.SYNTHETIC[synthetic]
+        need = prof.quantized_size(full, int(bits), int(group_size))
+        if layers is None and need + prof.OVERHEAD_BYTES > limit:
+            raise HermesError(
+                f"the full {synthetic} model at {bits}-bit needs {need / 1e9:.1f} GB but this "
+                f"machine allows {limit / 1e9:.1f} GB: measure with --layers N (e.g. 4), whose "
+                "figures are extrapolated to the full model")
+        with _bar("building", True) as update:
+            model_obj = prof.synthetic_model(
+                synthetic, layers, int(bits), int(group_size),
+                dtype=mx.float32 if on_cpu else mx.bfloat16, progress=update)
+        full_layers = full.num_hidden_layers
+        checkpoint_dtype = mx.bfloat16  # what a converted checkpoint stores
+    else:
+        from .loader import to_dtype
+
+        model_obj, _ = _load(model, prompt_tokens + gen_tokens, None)
+        full_layers = None
+        checkpoint_dtype = to_dtype(model_obj.args.torch_dtype or "bfloat16")
+    result = prof.profile(model_obj, chip, prompt_tokens, gen_tokens, trials,
+                          compare_mlx_lm=compare_mlx_lm, mlx_lm_dtype=checkpoint_dtype,
+                          full_layers=full_layers)
+    what = "this Mac's GPU working set" if working_set else "this machine's memory"
+    result["fit"] = prof.fit_advice(limit)
+    result["fit_limit_gb"] = limit / 1e9
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(prof.format_table(result))
+    click.echo(prof.format_advice(result["fit"], limit, what))
+    if working_set:
+        raised = chip.memory_bytes - 4 * 2**30
+        click.echo(prof.format_advice(prof.fit_advice(raised), raised,
+                                      "after `sudo sysctl iogpu.wired_limit_mb="
+                                      f"{raised // 2**20}`"))
+
+
+class _bar:
+    """A tqdm progress bar on stderr as a progress(done, total) callback."""
+
+    def __init__(self, desc: str, show: bool, unit: str = "it"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=desc, file=sys.stderr, disable=not show, unit=unit,
+                        unit_scale=unit == "B")
+
+    def __enter__(self):
+        def update(done: int, total: int) -> None:
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+        return update
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+@main.command()
 @click.option("--hf-path", required=True, help="original checkpoint: folder or Hugging Face repo id")
 @click.option("--mlx-path", required=True, help="output folder (must not exist, unless --force)")
 @click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), default="4", show_default=True)
@@ -253,21 +347,11 @@ def _reply(session, text: str) -> None:
 def convert(hf_path: str, mlx_path: str, bits: str, group_size: str, recipe: str, dtype: str,
             report: bool, force: bool) -> None:
     """Quantize the original checkpoint to MLX, in bounded memory."""
-    from tqdm import tqdm
-
     converter = _converter()
-    bar = tqdm(unit="B", unit_scale=True, desc="converting", file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    try:
+    with _bar("converting", True, unit="B") as progress:
         summary = converter.convert(hf_path, mlx_path, bits=int(bits),
                                     group_size=int(group_size), recipe=recipe, dtype=dtype,
                                     force=force, progress=progress)
-    finally:
-        bar.close()
     click.echo(f"wrote {mlx_path}: {summary['size_bytes'] / 1e9:.2f} GB, "
                f"{summary['bits_per_weight']:.3f} bits per weight "
                f"({recipe} {bits}-bit, group size {group_size}); "

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from mlx_hermes.cli import _converter
+
+_converter()  # a source checkout (as on the GPU machine) has convert/ but no mlx_hermes_convert
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "examples" / "hermes-tokenizer"
 

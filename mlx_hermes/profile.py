@@ -1,0 +1,409 @@
+"""Tokens/s and memory bandwidth, against what this machine's memory can do.
+
+A decoded token reads the dense weights, k of E experts in every layer and
+the LM head; decode speed is bounded by how fast memory streams those bytes.
+`profile` measures prefill and decode, counts the bytes each token reads
+from the model's actual tensors, and holds the result against the chip's
+peak bandwidth. A synthetic model of the real shapes, built directly in
+quantized form, lets a user measure a machine before downloading 26+ GB.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx_lm.generate import generate_step
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from .cache import make_cache
+from .chip import Chip
+from .errors import HermesError
+from .model import Model, ModelArgs
+from .moe import SparseMoeBlock
+
+GB = 1e9
+HERMES_8X7B = ModelArgs()  # the real checkpoint's shape
+TINY = ModelArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+SYNTHETIC = {"8x7b": HERMES_8X7B, "tiny": TINY}
+OVERHEAD_BYTES = 2**30  # activations, MLX's buffers, the process: a margin
+
+
+# -- building a model of the real shapes, quantized from the start ----------
+
+def _quantizable(_, module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding, SwitchLinear))
+
+
+def synthetic_model(name: str, layers: Optional[int] = None, bits: int = 4,
+                    group_size: int = 64, dtype: mx.Dtype = mx.bfloat16,
+                    progress: Optional[Callable[[int, int], None]] = None) -> Model:
+    """Random weights of the named shape, made directly in quantized form one
+    layer at a time, so no full-precision copy ever exists. Random packed
+    weights route tokens about uniformly over the experts."""
+    if name not in SYNTHETIC:
+        raise HermesError(f"unknown synthetic model {name!r}; use {' or '.join(SYNTHETIC)}")
+    args = SYNTHETIC[name]
+    if layers is not None:
+        if not 1 <= layers <= args.num_hidden_layers:
+            raise HermesError(f"--layers must be between 1 and {args.num_hidden_layers}")
+        args = replace(args, num_hidden_layers=layers)
+    model = Model(args)
+    # Only shapes and classes change here; the float initial values are lazy
+    # and are replaced before anything is evaluated.
+    nn.quantize(model, group_size, bits, class_predicate=_quantizable)
+    parts = [model.model.embed_tokens] + list(model.layers) + [model.model.norm, model.lm_head]
+    for i, part in enumerate(parts):
+        part.update(tree_map_with_path(lambda path, p: _random_like(path, p, bits, dtype),
+                                       part.parameters()))
+        mx.eval(part.parameters())
+        if progress:
+            progress(i + 1, len(parts))
+    return model
+
+
+def _random_like(path: str, p: mx.array, bits: int, dtype: mx.Dtype) -> mx.array:
+    if p.dtype == mx.uint32:  # packed quantized weights: uniformly random codes
+        high, low = (mx.random.randint(0, 2**16, p.shape, dtype=mx.uint32) for _ in range(2))
+        return (high << 16) | low
+    if p.ndim == 1:  # RMSNorm
+        return mx.ones(p.shape, dtype)
+    # Codes 0..2^bits-1 map onto about +-2 standard deviations of an
+    # N(0, 1/sqrt(in)) weight, centred on zero: w = scale * code + bias.
+    levels = 2**bits - 1
+    scale = mx.random.uniform(0.9, 1.1, p.shape) * 4 * (p.shape[-1] * 64) ** -0.5 / levels
+    return (-scale * levels / 2 if path.endswith("biases") else scale).astype(dtype)
+
+
+# -- what a token reads ---------------------------------------------------------
+
+def bytes_per_token(model: Model) -> int:
+    """Weight bytes one decoded token reads: the dense parts, k/E of the
+    experts in every layer, the LM head, and one row of the embedding table."""
+    args = model.args
+    total = sum(p.nbytes for _, p in tree_flatten(model.model.norm.parameters()))
+    embed = model.model.embed_tokens
+    total += sum(p.nbytes for _, p in tree_flatten(embed.parameters())) // args.vocab_size
+    if not args.tie_word_embeddings:
+        total += sum(p.nbytes for _, p in tree_flatten(model.lm_head.parameters()))
+    share = args.num_experts_per_tok / args.num_local_experts
+    for layer in model.layers:
+        for name, p in tree_flatten(layer.parameters()):
+            total += p.nbytes * share if ".switch_mlp." in f".{name}" else p.nbytes
+    return int(total)
+
+
+def model_bytes(model: Model) -> int:
+    return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+
+
+# -- fit advice -----------------------------------------------------------------
+
+def quantized_size(args: ModelArgs, bits: int, group_size: int = 64) -> int:
+    """Bytes of the model at `bits` with bf16 scales and biases (norms in bf16)."""
+    model = Model(args)  # lazy: shapes only
+    total = 0
+    for name, p in tree_flatten(model.parameters()):
+        n = int(np.prod(p.shape))
+        total += n * 2 if p.ndim == 1 else n * bits // 8 + 2 * 2 * (n // group_size)
+    return total
+
+
+def fit_advice(limit_bytes: int, args: ModelArgs = HERMES_8X7B,
+               group_size: int = 64) -> list[dict]:
+    """For each quantization: its size, and the longest context that fits in
+    `limit_bytes` next to it (weights + fp16 KV cache + a margin)."""
+    from .memory import kv_cache_bytes
+
+    per_token = kv_cache_bytes(args, 1)
+    advice = []
+    for bits in (4, 5, 6, 8):
+        size = quantized_size(args, bits, group_size)
+        room = limit_bytes - size - OVERHEAD_BYTES
+        context = min(args.max_position_embeddings, max(0, room // per_token))
+        advice.append({"bits": bits, "weights_gb": size / GB, "max_context": int(context),
+                       "fits": context >= 512})
+    return advice
+
+
+def format_advice(advice: list[dict], limit_bytes: int, what: str) -> str:
+    lines = [f"fit in {limit_bytes / GB:.1f} GB ({what}); each token of context adds "
+             f"{kv_per_token_kib()} KiB of fp16 KV cache, plus ~{OVERHEAD_BYTES / 2**30:.0f} GB "
+             "margin:"]
+    for a in advice:
+        verdict = (f"fits with {a['max_context']} tokens of context" if a["fits"]
+                   else "does not fit")
+        lines.append(f"  {a['bits']}-bit g64: {a['weights_gb']:5.1f} GB  {verdict}")
+    return "\n".join(lines)
+
+
+def kv_per_token_kib(args: ModelArgs = HERMES_8X7B) -> int:
+    from .memory import kv_cache_bytes
+
+    return kv_cache_bytes(args, 1) // 1024
+
+
+# -- measuring --------------------------------------------------------------------
+
+class _ExpertCounter:
+    """Counts the experts each MoE block routes to, while it is installed."""
+
+    def __init__(self, model: Model):
+        self.blocks = [layer.block_sparse_moe for layer in model.layers]
+        self.counts = [mx.zeros((b.switch_mlp.gate_proj.weight.shape[0],), mx.int32)
+                       for b in self.blocks]
+
+    def __enter__(self):
+        for i, block in enumerate(self.blocks):
+            block.route = self._counting(i, block)
+        return self
+
+    def __exit__(self, *exc):
+        for block in self.blocks:
+            del block.route  # back to the class's method
+
+    def _counting(self, i: int, block: SparseMoeBlock):
+        route = SparseMoeBlock.route.__get__(block)
+        experts = mx.arange(self.counts[i].shape[0])
+
+        def counting(x):
+            indices, weights = route(x)
+            self.counts[i] = self.counts[i] + (indices[..., None] == experts).sum(
+                axis=tuple(range(indices.ndim))).astype(mx.int32)
+            return indices, weights
+        return counting
+
+
+def time_generation(model: nn.Module, prompt: list[int], gen_tokens: int,
+                    cache: list) -> dict:
+    """One trial: prefill the prompt, then decode `gen_tokens` greedily,
+    ignoring end-of-text tokens (a random model emits them at random)."""
+    start = time.perf_counter()
+    steps = generate_step(mx.array(prompt), model, max_tokens=gen_tokens, prompt_cache=cache)
+    first = None
+    n = 0
+    for _token, _ in steps:
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft_s": first - start, "prompt_tps": len(prompt) / (first - start),
+            "decode_tps": (n - 1) / (end - first) if n > 1 else 0.0}
+
+
+def time_split(model: Model, context: int = 128, repeats: int = 5) -> dict:
+    """Seconds of one decode step spent in attention, the MoE blocks and the
+    LM head, each evaluated on its own (so the sum exceeds a fused step)."""
+    args = model.args
+    cache = make_cache(model)
+    model(mx.array([[1] * context]), cache=cache)
+    mx.eval([c.state for c in cache])
+    x = mx.random.normal((1, 1, args.hidden_size)).astype(_dtype(model))
+    mx.eval(x)
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def attention():
+        outs = []
+        for layer, c in zip(model.layers, cache):
+            outs.append(layer.self_attn(layer.input_layernorm(x), None, c))
+            c.trim(1)  # leave the cache as it was
+        return outs
+
+    moe = best(lambda: [layer.block_sparse_moe(layer.post_attention_layernorm(x))
+                        for layer in model.layers])
+    head = best(lambda: model.lm_head(model.model.norm(x)) if not args.tie_word_embeddings
+                else model.model.embed_tokens.as_linear(x))
+    return {"attention_s": best(attention), "moe_s": moe, "lm_head_s": head}
+
+
+def _dtype(model: Model) -> mx.Dtype:
+    return model.model.norm.weight.dtype
+
+
+def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Floating-point parameters (scales, biases, norms) to `dtype`."""
+    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating)
+                          else p, model.parameters()))
+
+
+def mlx_lm_twin(model: Model, dtype: mx.Dtype) -> nn.Module:
+    """mlx-lm's Mixtral holding the same packed weights (shared, not copied),
+    with its float parameters in `dtype`, as mlx-lm would load them."""
+    from mlx_lm.models import mixtral
+
+    twin = mixtral.Model(mixtral.ModelArgs.from_dict({**vars(model.args),
+                                                      "model_type": "mixtral"}))
+    nn.quantize(twin, class_predicate=lambda p, m: _quantizable(p, m) and {
+        "group_size": _group_of(model, p), "bits": _bits_of(model, p)})
+    params = [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+              for k, v in tree_flatten(model.parameters())]
+    twin.load_weights(params)
+    mx.eval(twin.parameters())
+    return twin
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    m = model
+    for part in path.split("."):
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m
+
+
+def _group_of(model: Model, path: str) -> int:
+    return _module(model, path).group_size
+
+
+def _bits_of(model: Model, path: str) -> int:
+    return _module(model, path).bits
+
+
+def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int = 128,
+            trials: int = 3, compare_mlx_lm: bool = False, mlx_lm_dtype: Optional[mx.Dtype] = None,
+            full_layers: Optional[int] = None, seed: int = 0) -> dict:
+    """Measure `trials` runs (alternating with mlx-lm's Mixtral on the same
+    weights if asked) and derive bandwidth figures. With `full_layers`, the
+    model holds only some of that many layers and per-token figures are
+    extrapolated to the full depth."""
+    args = model.args
+    if prompt_tokens < 1 or gen_tokens < 2 or trials < 1:
+        raise HermesError("--prompt-tokens must be >= 1, --gen-tokens >= 2, --trials >= 1")
+    check_context = prompt_tokens + gen_tokens
+    if check_context > args.max_position_embeddings:
+        raise HermesError(f"--prompt-tokens plus --gen-tokens exceeds the context of "
+                          f"{args.max_position_embeddings}")
+    rng = np.random.default_rng(seed)
+    prompt = [1] + rng.integers(3, args.vocab_size, size=prompt_tokens - 1).tolist()
+    twin = mlx_lm_twin(model, mlx_lm_dtype or _dtype(model)) if compare_mlx_lm else None
+
+    # one untimed run each: kernels compile, caches warm
+    time_generation(model, prompt[:16], 4, make_cache(model))
+    if twin is not None:
+        time_generation(twin, prompt[:16], 4, make_cache(model))
+
+    mx.reset_peak_memory()
+    runs: dict[str, list[dict]] = {"mlx-hermes": [], "mlx-lm": []}
+    with _ExpertCounter(model) as counter:
+        for _ in range(trials):
+            runs["mlx-hermes"].append(time_generation(model, prompt, gen_tokens,
+                                                      make_cache(model)))
+            if twin is not None:
+                runs["mlx-lm"].append(time_generation(twin, prompt, gen_tokens,
+                                                      make_cache(model)))
+    peak_memory = mx.get_peak_memory()
+    split = time_split(model)
+
+    scale = 1.0
+    if full_layers and full_layers != args.num_hidden_layers:
+        scale = full_layers / args.num_hidden_layers
+    per_token = bytes_per_token(model)
+    if scale != 1.0:
+        head = bytes_per_token(model) - _layer_bytes_per_token(model)
+        per_token = int(head + _layer_bytes_per_token(model) * scale)
+
+    result = {"model_layers": args.num_hidden_layers, "full_layers": full_layers or
+              args.num_hidden_layers, "extrapolated": scale != 1.0,
+              "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "trials": trials}
+    for who, trial_runs in runs.items():
+        if not trial_runs:
+            continue
+        stats = _summarise(trial_runs, split, scale)
+        result[who] = stats
+    ours = result["mlx-hermes"]
+    peak_gbs = chip.peak_gbs
+    bandwidth = per_token * ours["decode_tps"] / GB
+    result.update({
+        "prompt_tps": ours["prompt_tps"], "decode_tps": ours["decode_tps"],
+        "ttft_s": ours["ttft_s"], "decode_tps_spread": ours["decode_tps_spread"],
+        "peak_memory_gb": peak_memory / GB,
+        "bytes_per_token": per_token,
+        "bandwidth_gbs": bandwidth,
+        "peak_bandwidth_gbs": peak_gbs,
+        "rated_bandwidth_gbs": chip.rated_gbs,
+        "measured_bandwidth_gbs": chip.measured_gbs,
+        "roofline_fraction": bandwidth / peak_gbs if peak_gbs else None,
+        "roofline_decode_tps": peak_gbs * GB / per_token if peak_gbs else None,
+        "time_split": {k: v * (scale if k != "lm_head_s" else 1.0) for k, v in split.items()},
+        "expert_counts": [c.tolist() for c in counter.counts],
+        "chip": chip.name,
+    })
+    if "mlx-lm" in result:
+        result["speedup_vs_mlx_lm"] = {
+            "decode": ours["decode_tps"] / result["mlx-lm"]["decode_tps"],
+            "prefill": ours["prompt_tps"] / result["mlx-lm"]["prompt_tps"],
+        }
+    return result
+
+
+def _layer_bytes_per_token(model: Model) -> int:
+    share = model.args.num_experts_per_tok / model.args.num_local_experts
+    total = 0
+    for layer in model.layers:
+        for name, p in tree_flatten(layer.parameters()):
+            total += p.nbytes * share if ".switch_mlp." in f".{name}" else p.nbytes
+    return int(total)
+
+
+def _summarise(runs: list[dict], split: dict, scale: float) -> dict:
+    """Mean and spread over trials, scaled to the full depth if needed: time
+    in the layers grows with their number, the LM head's does not."""
+    out = {}
+    head = split["lm_head_s"]
+    for key in ("prompt_tps", "decode_tps", "ttft_s"):
+        values = [r[key] for r in runs]
+        if scale != 1.0:
+            if key == "decode_tps":
+                values = [1 / ((1 / v - head) * scale + head) for v in values]
+            elif key == "ttft_s":
+                values = [v * scale for v in values]
+            else:
+                values = [v / scale for v in values]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_spread"] = (max(values) - min(values)) / 2
+    return out
+
+
+def format_table(result: dict) -> str:
+    """A llama-bench-like table."""
+    note = (f" (extrapolated from {result['model_layers']} of {result['full_layers']} layers)"
+            if result["extrapolated"] else "")
+    rows = [f"chip: {result['chip']}{note}",
+            f"{'runtime':<11} {'prompt tok/s':>14} {'ttft s':>8} {'decode tok/s':>16}"]
+    for who in ("mlx-hermes", "mlx-lm"):
+        if who in result:
+            r = result[who]
+            rows.append(f"{who:<11} {r['prompt_tps']:9.1f} ±{r['prompt_tps_spread']:<4.1f} "
+                        f"{r['ttft_s']:8.3f} {r['decode_tps']:10.2f} ±{r['decode_tps_spread']:.2f}")
+    if "speedup_vs_mlx_lm" in result:
+        s = result["speedup_vs_mlx_lm"]
+        rows.append(f"mlx-hermes / mlx-lm: decode {s['decode']:.2f}x, prefill {s['prefill']:.2f}x")
+    rows.append(f"weights read per token: {result['bytes_per_token'] / GB:.3f} GB; "
+                f"achieved {result['bandwidth_gbs']:.1f} GB/s")
+    if result["peak_bandwidth_gbs"]:
+        peak = f"peak {result['peak_bandwidth_gbs']:.0f} GB/s"
+        if result["rated_bandwidth_gbs"] and result["measured_bandwidth_gbs"]:
+            peak += (f" (measured; rated {result['rated_bandwidth_gbs']:.0f})")
+        rows.append(f"{peak}: {100 * result['roofline_fraction']:.1f}% of it; roofline decode "
+                    f"{result['roofline_decode_tps']:.1f} tok/s")
+    t = result["time_split"]
+    total = sum(t.values())
+    rows.append("one decode step: " + ", ".join(
+        f"{k[:-2]} {1000 * v:.2f} ms ({100 * v / total:.0f}%)" for k, v in t.items()))
+    rows.append(f"peak memory {result['peak_memory_gb']:.2f} GB")
+    rows.append("experts chosen per layer (counts):")
+    for i, counts in enumerate(result["expert_counts"]):
+        rows.append(f"  layer {i:>2}: " + " ".join(f"{c:>5}" for c in counts))
+    return "\n".join(rows)

@@ -1,0 +1,187 @@
+"""`mlx-hermes profile`: figures, byte counts, chip table, fit advice, bad arguments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_hermes import chip as chips
+from mlx_hermes import profile as prof
+from mlx_hermes.cli import main
+
+from .test_cli import mlx_hermes_command
+
+# `system_profiler SPDisplaysDataType` on a 38-core M2 Max, abridged
+M2_MAX_DISPLAYS = """Graphics/Displays:
+
+    Apple M2 Max:
+
+      Chipset Model: Apple M2 Max
+      Type: GPU
+      Bus: Built-In
+      Total Number of Cores: 38
+      Vendor: Apple (0x106b)
+      Metal Support: Metal 3
+"""
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["profile", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16():
+    return prof.synthetic_model("tiny", bits=4, group_size=64, dtype=mx.bfloat16)
+
+
+def test_bytes_per_token_equals_a_hand_count(tiny_bf16):
+    # tiny: hidden 64, expert FFN 128, 2 layers, 4 heads over 2 kv heads (dim 16), 8 experts,
+    # top-2, vocab 32002; 4-bit weights, a bf16 scale and bias per 64 inputs.
+    def linear(out, inp):
+        return out * inp // 2 + 2 * 2 * out * (inp // 64)
+    dense = 2 * linear(64, 64) + 2 * linear(32, 64) + linear(8, 64) + 2 * 64 * 2  # + 2 norms
+    experts = 8 * (2 * linear(128, 64) + linear(64, 128))
+    layer = dense + experts * 2 // 8
+    head = linear(32002, 64)
+    embedding_row = linear(32002, 64) // 32002
+    assert prof.bytes_per_token(tiny_bf16) == 2 * layer + 64 * 2 + head + embedding_row
+    assert prof.model_bytes(tiny_bf16) == 2 * (dense + experts) + 64 * 2 + 2 * head
+
+
+def test_real_shape_at_4_bits_is_about_26_gb():
+    # shapes only: the lazy model is never evaluated
+    size = prof.quantized_size(prof.HERMES_8X7B, 4)
+    assert 26.0e9 < size < 26.6e9  # ~4.5 bits per weight of 46.7B parameters
+
+
+def test_synthetic_model_routes_over_many_experts(tiny_bf16):
+    with prof._ExpertCounter(tiny_bf16) as counter:
+        tiny_bf16(mx.array([list(range(100, 164))]))
+    counts = np.array([c.tolist() for c in counter.counts])
+    assert counts.shape == (2, 8) and (counts.sum(axis=1) == 64 * 2).all()
+    assert (counts > 0).sum() >= 12  # not collapsed onto a few experts
+
+
+def test_mlx_lm_twin_computes_the_same_logits():
+    model = prof.synthetic_model("tiny", dtype=mx.float32)
+    twin = prof.mlx_lm_twin(model, mx.float32)
+    tokens = mx.array([[1, 500, 900, 31000, 7]])
+    ours, theirs = np.array(model(tokens)), np.array(twin(tokens))
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(ours).max()
+
+
+def test_json_has_the_figures():
+    result = run("--synthetic", "tiny", "--prompt-tokens", 16, "--gen-tokens", 4, "--trials", 2,
+                 "--compare-mlx-lm", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    for key in ("prompt_tps", "decode_tps", "ttft_s", "peak_memory_gb", "bytes_per_token",
+                "bandwidth_gbs", "peak_bandwidth_gbs", "roofline_fraction", "expert_counts",
+                "time_split", "fit", "speedup_vs_mlx_lm", "mlx-lm"):
+        assert key in out
+    assert out["decode_tps"] > 0 and out["prompt_tps"] > 0
+    assert len(out["expert_counts"]) == 2 and len(out["expert_counts"][0]) == 8
+    assert out["bandwidth_gbs"] == pytest.approx(out["bytes_per_token"] * out["decode_tps"] / 1e9)
+    assert out["roofline_fraction"] == pytest.approx(out["bandwidth_gbs"] /
+                                                     out["peak_bandwidth_gbs"])
+    assert not out["extrapolated"]
+    assert "building" in result.stderr  # progress while the model is built
+
+
+def test_fewer_layers_extrapolate_to_the_full_model(tiny_bf16):
+    result = run("--synthetic", "tiny", "--layers", 1, "--prompt-tokens", 8, "--gen-tokens", 3,
+                 "--trials", 1, "--json")
+    out = json.loads(result.stdout)
+    assert out["extrapolated"] and out["model_layers"] == 1 and out["full_layers"] == 2
+    full = prof.bytes_per_token(prof.synthetic_model("tiny", dtype=mx.float32))
+    assert out["bytes_per_token"] == full
+    table = run("--synthetic", "tiny", "--layers", 1, "--prompt-tokens", 8, "--gen-tokens", 3,
+                "--trials", 1)
+    assert "extrapolated from 1 of 2 layers" in table.stdout
+
+
+def test_table_output():
+    result = run("--synthetic", "tiny", "--prompt-tokens", 8, "--gen-tokens", 3, "--trials", 1)
+    assert result.exit_code == 0
+    for text in ("decode tok/s", "weights read per token", "of it; roofline decode",
+                 "one decode step: attention", "experts chosen per layer", "4-bit g64"):
+        assert text in result.stdout
+
+
+@pytest.mark.parametrize("brand,cores,gbs", [
+    ("Apple M1", 8, 68.25), ("Apple M1 Max", 32, 400), ("Apple M2 Ultra", 76, 800),
+    ("Apple M3 Pro", 18, 150), ("Apple M3 Max", 30, 300), ("Apple M3 Max", 40, 400),
+    ("Apple M4 Pro", 20, 273), ("Apple M4 Max", 32, 410), ("Apple M4 Max", 40, 546),
+    ("Apple M3 Max", None, 300),  # variant unknown: the lower figure
+])
+def test_chip_table(brand, cores, gbs):
+    assert chips.mac_bandwidth(brand, cores) == gbs
+
+
+def test_chip_from_recorded_mac_output():
+    chip = chips.parse_mac("Apple M2 Max\n", "34359738368\n", M2_MAX_DISPLAYS)
+    assert (chip.name, chip.gpu_cores, chip.memory_bytes) == ("Apple M2 Max", 38, 32 * 2**30)
+    assert chip.rated_gbs == chip.peak_gbs == 400
+
+
+def test_detect_elsewhere_measures_a_ceiling():
+    chip = chips.detect()
+    assert chip.memory_bytes > 0 and not chip.name.startswith("Apple")
+    assert 0.1 < chips.measure_bandwidth(megabytes=32, repeats=2) < 10_000
+
+
+def test_fit_advice_on_made_up_memory():
+    big = {a["bits"]: a for a in prof.fit_advice(48 * 2**30)}  # a 64 GB Mac's working set
+    assert big[4]["fits"] and big[4]["max_context"] == 32768
+    assert big[5]["fits"] and big[5]["max_context"] == 32768
+    assert big[8]["fits"] and big[8]["max_context"] < 10000  # 49.6 GB of 51.5
+    assert not prof.fit_advice(40 * 2**30)[3]["fits"]
+    small = prof.fit_advice(16 * 2**30)
+    assert not any(a["fits"] for a in small)
+    tight = {a["bits"]: a for a in prof.fit_advice(28 * 2**30)}  # 32 GB Mac, limit raised
+    assert tight[4]["fits"] and 0 < tight[4]["max_context"] < 32768
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "give either --model or --synthetic"),
+    (["--synthetic", "tiny", "--model", "x"], "give either --model or --synthetic"),
+    (["--model", "x", "--layers", "2"], "--layers applies to --synthetic only"),
+    (["--synthetic", "tiny", "--layers", "5"], "--layers must be between 1 and 2"),
+    (["--synthetic", "tiny", "--trials", "0"], "--trials >= 1"),
+    (["--synthetic", "tiny", "--prompt-tokens", "40000"], "exceeds the context"),
+    (["--synthetic", "huge"], "'huge' is not one of"),
+    (["--model", "/no/such/folder"], "does not exist"),
+])
+def test_bad_arguments(args, message):
+    result = run(*args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+
+
+def test_full_build_that_cannot_fit_is_refused(monkeypatch):
+    small = chips.Chip("CPU (test)", 16 * 2**30)
+    monkeypatch.setattr(chips, "detect", lambda: small)
+    result = run("--synthetic", "8x7b")
+    assert result.exit_code != 0 and "measure with --layers N" in result.stderr
+
+
+def test_profile_a_model_folder(tiny_model):
+    result = run("--model", tiny_model, "--prompt-tokens", 8, "--gen-tokens", 3, "--trials", 1,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bytes_per_token"] > 0
+
+
+def test_profile_process_smoke():
+    done = subprocess.run(mlx_hermes_command() + ["profile", "--synthetic", "tiny",
+                                                  "--prompt-tokens", "8", "--gen-tokens", "3",
+                                                  "--trials", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "decode tok/s" in done.stdout
