@@ -37,7 +37,13 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--results", type=Path, default=None, help="append the table here")
+    ap.add_argument("--no-levers", action="store_true",
+                    help="baseline: gate/up not fused, no dense prefill (for before/after)")
     args = ap.parse_args()
+    if args.no_levers:
+        from mlx_hermes import moe
+
+        moe.DENSE_PREFILL = False
 
     chip = detect()
     if not chip.name.startswith("Apple"):
@@ -46,7 +52,8 @@ def main() -> None:
     rows = []
     for bits in args.bits:
         model = prof.synthetic_model(args.synthetic, args.layers, bits,
-                                     dtype=mx.float32 if on_cpu else mx.bfloat16)
+                                     dtype=mx.float32 if on_cpu else mx.bfloat16,
+                                     fuse=not args.no_levers)
         for prompt in args.prompts:
             r = prof.profile(model, chip, prompt, args.gen_tokens, args.trials,
                              compare_mlx_lm=True, mlx_lm_dtype=mx.bfloat16,
@@ -77,6 +84,7 @@ def main() -> None:
                       "peak_gbs": chip.peak_gbs, "rows": rows}))
     if args.results:
         note = " (extrapolated from fewer layers)" if args.layers else ""
+        note += "; baseline, levers off" if args.no_levers else ""
         entry = (f"\n## Speed matrix: `python benchmarks/profile_matrix.py {' '.join(sys.argv[1:])}`"
                  f"\n\n- Machine: {chip.name}, MLX {mx.__version__} ({mx.default_device()}); "
                  f"peak bandwidth {chip.peak_gbs:.0f} GB/s{note}.\n"

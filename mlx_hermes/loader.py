@@ -62,6 +62,7 @@ def load(
     }
     model.load_weights(list(weights.items()), strict=True)
     del weights
+    model.fuse()
     if not lazy:
         mx.eval(model.parameters())
 

@@ -183,6 +183,19 @@ class Model(nn.Module):
     def layers(self) -> list:
         return self.model.layers
 
+    def fuse(self) -> None:
+        """Fast-path layout for running (see Experts.fuse); call after loading."""
+        for layer in self.layers:
+            layer.block_sparse_moe.switch_mlp.fuse()
+
+    def checkpoint_parameters(self) -> dict:
+        """Parameters named as in the checkpoint (mlx-lm's layout), fused or not."""
+        params = self.parameters()
+        for i, layer in enumerate(self.layers):
+            moe = params["model"]["layers"][i]["block_sparse_moe"]
+            moe["switch_mlp"] = layer.block_sparse_moe.switch_mlp.unfused_parameters()
+        return params
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """The one place where checkpoint names meet module names.
 

@@ -7,14 +7,31 @@ E experts, k experts per token.
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 # Below this many (token, expert) pairs the gathered matmuls read each expert
 # once per token anyway; above it, grouping tokens by expert lets each
 # expert's weights be read once for all its tokens (mlx-lm uses the same 64).
 SORT_THRESHOLD = 64
+
+# Prefill of this many tokens or more dequantizes a layer's experts and runs
+# float gathered matmuls. On CUDA, MLX's sorted gather_qmm is the prefill
+# bottleneck (48 ms against 5.1 ms for one layer of 512 tokens, measured on
+# an H100), so "auto" turns this on there only; Metal and the CPU keep
+# gather_qmm. True or False force it (tests, benchmarks).
+DENSE_PREFILL = "auto"
+DENSE_PREFILL_MIN_TOKENS = 64
+
+
+def dense_prefill_enabled() -> bool:
+    if DENSE_PREFILL == "auto":
+        return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    return bool(DENSE_PREFILL)
 
 
 class Experts(nn.Module):
@@ -22,7 +39,9 @@ class Experts(nn.Module):
 
     `SwitchLinear` (mlx-lm) dispatches with `mx.gather_mm`, and after
     `nn.quantize` becomes `QuantizedSwitchLinear`, dispatching with
-    `mx.gather_qmm`.
+    `mx.gather_qmm`. `fuse()` joins gate and up into one `gate_up_proj`
+    after loading (the checkpoint keeps its layout), so the activations are
+    read once and one gathered matmul runs instead of two.
     """
 
     def __init__(self, dims: int, hidden_dims: int, num_experts: int):
@@ -30,6 +49,33 @@ class Experts(nn.Module):
         self.gate_proj = SwitchLinear(dims, hidden_dims, num_experts, bias=False)
         self.up_proj = SwitchLinear(dims, hidden_dims, num_experts, bias=False)
         self.down_proj = SwitchLinear(hidden_dims, dims, num_experts, bias=False)
+
+    def fuse(self) -> None:
+        """Stack gate over up: [E, 2F, D]. Skipped when they are stored
+        differently (e.g. another bit width), where nothing is gained."""
+        if "gate_up_proj" in self:
+            return
+        gate, up = self.gate_proj, self.up_proj
+        quantized = isinstance(gate, QuantizedSwitchLinear)
+        if quantized != isinstance(up, QuantizedSwitchLinear):
+            return
+        if quantized and (gate.bits, gate.group_size) != (up.bits, up.group_size):
+            return
+        fused = gate
+        for name in ("weight", "scales", "biases") if quantized else ("weight",):
+            fused[name] = mx.concatenate([gate[name], up[name]], axis=-2)
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+
+    def unfused_parameters(self) -> dict:
+        """Parameters in the checkpoint's layout (gate_proj, up_proj, down_proj)."""
+        params = dict(self.parameters())
+        if "gate_up_proj" in params:
+            fused = params.pop("gate_up_proj")
+            half = fused["weight"].shape[-2] // 2
+            params["gate_proj"] = {k: v[..., :half, :] for k, v in fused.items()}
+            params["up_proj"] = {k: v[..., half:, :] for k, v in fused.items()}
+        return params
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # x: [..., D], indices: [..., k] -> [..., k, D]
@@ -42,12 +88,33 @@ class Experts(nn.Module):
             order = mx.argsort(flat)
             x = x.flatten(0, -3)[order // k]  # [N*k, 1, D], grouped by expert
             indices = flat[order]
-        g = self.gate_proj(x, indices, sorted_indices=do_sort)
-        u = self.up_proj(x, indices, sorted_indices=do_sort)
-        y = self.down_proj(nn.silu(g) * u, indices, sorted_indices=do_sort)  # [..., 1, D]
+        dense = (do_sort and indices.size >= DENSE_PREFILL_MIN_TOKENS * batch_shape[-1]
+                 and dense_prefill_enabled())
+
+        def project(layer, h):
+            if dense and isinstance(layer, QuantizedSwitchLinear):
+                w = mx.dequantize(layer.weight, layer.scales, layer.biases,
+                                  group_size=layer.group_size, bits=layer.bits)  # [E, out, in]
+                return mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=indices,
+                                    sorted_indices=True)
+            return layer(h, indices, sorted_indices=do_sort)
+
+        if "gate_up_proj" in self:
+            gate, up = mx.split(project(self.gate_up_proj, x), 2, axis=-1)  # [..., 1, F] each
+        else:
+            gate, up = project(self.gate_proj, x), project(self.up_proj, x)
+        y = project(self.down_proj, swiglu(gate, up))  # [..., 1, D]
         if do_sort:
             y = mx.unflatten(y[mx.argsort(order)], 0, batch_shape)
         return y.squeeze(-2)
+
+
+@partial(mx.compile)
+def _route(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)  # [..., E]
+    indices = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]  # [..., k]
+    weights = mx.take_along_axis(probs, indices, axis=-1)
+    return indices, weights / weights.sum(axis=-1, keepdims=True)
 
 
 class SparseMoeBlock(nn.Module):
@@ -60,11 +127,7 @@ class SparseMoeBlock(nn.Module):
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Each token's k experts and their weights, as transformers does:
         softmax over all E logits in float32, keep the top k, renormalise."""
-        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)  # [B, L, E]
-        k = self.top_k
-        indices = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]  # [B, L, k]
-        weights = mx.take_along_axis(probs, indices, axis=-1)
-        weights = weights / weights.sum(axis=-1, keepdims=True)
+        indices, weights = _route(self.gate(x), self.top_k)  # [B, L, k] each
         return mx.stop_gradient(indices), weights.astype(x.dtype)
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -44,7 +44,8 @@ def _quantizable(_, module: nn.Module) -> bool:
 
 def synthetic_model(name: str, layers: Optional[int] = None, bits: int = 4,
                     group_size: int = 64, dtype: mx.Dtype = mx.bfloat16,
-                    progress: Optional[Callable[[int, int], None]] = None) -> Model:
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    fuse: bool = True) -> Model:
     """Random weights of the named shape, made directly in quantized form one
     layer at a time, so no full-precision copy ever exists. Random packed
     weights route tokens about uniformly over the experts."""
@@ -63,6 +64,8 @@ def synthetic_model(name: str, layers: Optional[int] = None, bits: int = 4,
     for i, part in enumerate(parts):
         part.update(tree_map_with_path(lambda path, p: _random_like(path, p, bits, dtype),
                                        part.parameters()))
+        if fuse and hasattr(part, "block_sparse_moe"):
+            part.block_sparse_moe.switch_mlp.fuse()
         mx.eval(part.parameters())
         if progress:
             progress(i + 1, len(parts))
@@ -157,7 +160,7 @@ class _ExpertCounter:
 
     def __init__(self, model: Model):
         self.blocks = [layer.block_sparse_moe for layer in model.layers]
-        self.counts = [mx.zeros((b.switch_mlp.gate_proj.weight.shape[0],), mx.int32)
+        self.counts = [mx.zeros((b.switch_mlp.down_proj.weight.shape[0],), mx.int32)
                        for b in self.blocks]
 
     def __enter__(self):
@@ -241,34 +244,20 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
 
 
 def mlx_lm_twin(model: Model, dtype: mx.Dtype) -> nn.Module:
-    """mlx-lm's Mixtral holding the same packed weights (shared, not copied),
-    with its float parameters in `dtype`, as mlx-lm would load them."""
+    """mlx-lm's Mixtral holding the same packed weights, with its float
+    parameters in `dtype`, as mlx-lm would load them."""
     from mlx_lm.models import mixtral
+
+    from .loader import quantize_like
 
     twin = mixtral.Model(mixtral.ModelArgs.from_dict({**vars(model.args),
                                                       "model_type": "mixtral"}))
-    nn.quantize(twin, class_predicate=lambda p, m: _quantizable(p, m) and {
-        "group_size": _group_of(model, p), "bits": _bits_of(model, p)})
-    params = [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-              for k, v in tree_flatten(model.parameters())]
-    twin.load_weights(params)
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+               for k, v in tree_flatten(model.checkpoint_parameters())}
+    quantize_like(twin, weights, {})
+    twin.load_weights(list(weights.items()))
     mx.eval(twin.parameters())
     return twin
-
-
-def _module(model: nn.Module, path: str) -> nn.Module:
-    m = model
-    for part in path.split("."):
-        m = m[int(part)] if part.isdigit() else getattr(m, part)
-    return m
-
-
-def _group_of(model: Model, path: str) -> int:
-    return _module(model, path).group_size
-
-
-def _bits_of(model: Model, path: str) -> int:
-    return _module(model, path).bits
 
 
 def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int = 128,
@@ -289,10 +278,10 @@ def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int 
     prompt = [1] + rng.integers(3, args.vocab_size, size=prompt_tokens - 1).tolist()
     twin = mlx_lm_twin(model, mlx_lm_dtype or _dtype(model)) if compare_mlx_lm else None
 
-    # one untimed run each: kernels compile, caches warm
-    time_generation(model, prompt[:16], 4, make_cache(model))
+    # one untimed run each at the measured shapes: kernels compile, caches warm
+    time_generation(model, prompt, 4, make_cache(model))
     if twin is not None:
-        time_generation(twin, prompt[:16], 4, make_cache(model))
+        time_generation(twin, prompt, 4, make_cache(model))
 
     mx.reset_peak_memory()
     runs: dict[str, list[dict]] = {"mlx-hermes": [], "mlx-lm": []}

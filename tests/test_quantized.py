@@ -31,7 +31,7 @@ def test_mlx_lm_folder_matches_mlx_lm(mlx_lm_quantized, bits, group_size):
     assert_close(ours, mlx_lm_logits(path, tokens))
 
     moe = model.layers[0].block_sparse_moe
-    assert moe.switch_mlp.gate_proj.bits == bits
+    assert moe.switch_mlp.gate_up_proj.bits == bits  # gate and up, fused at load
     assert model.layers[0].self_attn.q_proj.group_size == group_size
     if group_size == 64:
         # The expert FFN width (96) does not divide into groups of 64, so mlx-lm
@@ -56,7 +56,7 @@ def test_mixed_bits_per_layer(hf_checkpoint, tmp_path):
     layer = model.layers[1]
     assert (layer.block_sparse_moe.gate.bits, layer.self_attn.v_proj.bits) == (8, 8)
     assert (layer.self_attn.q_proj.bits, layer.self_attn.q_proj.group_size) == (6, 64)
-    assert layer.block_sparse_moe.switch_mlp.up_proj.bits == 4
+    assert layer.block_sparse_moe.switch_mlp.gate_up_proj.bits == 4
     tokens = prompt(12, seed=5)
     assert_close(np.array(model(mx.array([tokens]))[0]), mlx_lm_logits(out, tokens))
 
@@ -106,7 +106,7 @@ def test_old_mlx_community_layout(mlx_lm_quantized, tmp_path):
     router = old.layers[0].block_sparse_moe.gate
     assert not hasattr(router, "scales"), "the router must stay in float"
     experts = old.layers[0].block_sparse_moe.switch_mlp
-    assert isinstance(experts, Experts) and experts.gate_proj.weight.dtype == mx.uint32
+    assert isinstance(experts, Experts) and experts.gate_up_proj.weight.dtype == mx.uint32
 
     tokens = prompt(40, seed=9)
     assert_close(np.array(old(mx.array([tokens]))[0]), np.array(new(mx.array([tokens]))[0]),

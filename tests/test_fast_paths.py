@@ -1,0 +1,52 @@
+"""Each fast path against the portable path it replaces, on the CPU."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import mlx_hermes
+from mlx_hermes import moe
+from mlx_hermes.model import Model
+
+from .test_model import assert_close, prompt
+
+
+def unfused_copy(model: Model) -> Model:
+    twin = Model(model.args)
+    weights = dict(tree_flatten(model.checkpoint_parameters()))
+    from mlx_hermes.loader import quantize_like
+
+    quantize_like(twin, weights, {})
+    twin.load_weights(list(weights.items()))
+    return twin
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_fused_gate_up_equals_separate_projections(hf_checkpoint, mlx_lm_quantized, bits):
+    path = hf_checkpoint if bits is None else mlx_lm_quantized(bits, 32)
+    model, _ = mlx_hermes.load(path)
+    assert "gate_up_proj" in model.layers[0].block_sparse_moe.switch_mlp
+    plain = unfused_copy(model)
+    assert "gate_proj" in plain.layers[0].block_sparse_moe.switch_mlp
+    for length in (1, 40):  # decode and sorted prefill
+        tokens = mx.array([prompt(length, seed=length)])
+        assert_close(np.array(model(tokens)), np.array(plain(tokens)), rel=1e-5)
+
+
+def test_dense_prefill_equals_gather_qmm(mlx_lm_quantized, monkeypatch):
+    model, _ = mlx_hermes.load(mlx_lm_quantized(4, 32))
+    tokens = mx.array([prompt(moe.DENSE_PREFILL_MIN_TOKENS + 16, seed=11)])
+    monkeypatch.setattr(moe, "DENSE_PREFILL", False)
+    portable = np.array(model(tokens))
+    monkeypatch.setattr(moe, "DENSE_PREFILL", True)
+    dense = np.array(model(tokens))
+    assert_close(dense, portable, rel=1e-4)
+
+
+def test_dense_prefill_is_chosen_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(moe, "DENSE_PREFILL", "auto")
+    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    assert moe.dense_prefill_enabled() == on_cuda
