@@ -54,8 +54,11 @@ def main() -> None:
     moe.DENSE_PREFILL = True
     dense = model(tokens)
     moe.DENSE_PREFILL = "auto"
+    logits = np.array(portable.astype(mx.float32))
     out = {"device": str(mx.default_device()), "dtype": str(dtype), "layers": args.layers,
            "prompt_tokens": args.prompt_tokens,
+           "logits_std": float(logits.std()), "logits_finite": bool(np.isfinite(logits).all()),
+           "logits_distinct_rows": int(len({row.tobytes() for row in logits[0]})),
            "fused_vs_separate": rel(fused, portable),
            "dense_prefill_vs_gather_qmm": rel(dense, portable),
            "mlx_hermes_vs_mlx_lm": rel(fused, reference),
