@@ -257,6 +257,8 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
             group_size: str, prompt_tokens: int, gen_tokens: int, trials: int,
             compare_mlx_lm: bool, as_json: bool) -> None:
     """Tokens/s and memory bandwidth, against this machine's limit."""
+    import mlx.core as mx
+
     from . import profile as prof
     from .chip import detect, measure_bandwidth
     from .memory import metal_working_set
@@ -272,8 +274,6 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
         chip.measured_gbs = measure_bandwidth()
     working_set = metal_working_set()
     limit = working_set or chip.memory_bytes
-    import mlx.core as mx
-
     on_cpu = mx.default_device() == mx.cpu
     if synthetic:
         full = prof.SYNTHETIC[synthetic]

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.generate import generate_step
 from mlx_lm.models.switch_layers import SwitchLinear
 
@@ -87,24 +87,29 @@ def _random_like(path: str, p: mx.array, bits: int, dtype: mx.Dtype) -> mx.array
 
 # -- what a token reads ---------------------------------------------------------
 
-def bytes_per_token(model: Model) -> int:
+def bytes_per_token(model: Model, full_layers: Optional[int] = None) -> int:
     """Weight bytes one decoded token reads: the dense parts, k/E of the
-    experts in every layer, the LM head, and one row of the embedding table."""
+    experts in every layer, the LM head, and one row of the embedding table.
+    With `full_layers`, the model's layers stand for that many."""
     args = model.args
-    total = sum(p.nbytes for _, p in tree_flatten(model.model.norm.parameters()))
-    embed = model.model.embed_tokens
-    total += sum(p.nbytes for _, p in tree_flatten(embed.parameters())) // args.vocab_size
+    total = _nbytes(model.model.norm)
+    total += _nbytes(model.model.embed_tokens) // args.vocab_size
     if not args.tie_word_embeddings:
-        total += sum(p.nbytes for _, p in tree_flatten(model.lm_head.parameters()))
+        total += _nbytes(model.lm_head)
     share = args.num_experts_per_tok / args.num_local_experts
+    layers = 0
     for layer in model.layers:
         for name, p in tree_flatten(layer.parameters()):
-            total += p.nbytes * share if ".switch_mlp." in f".{name}" else p.nbytes
-    return int(total)
+            layers += p.nbytes * share if ".switch_mlp." in f".{name}" else p.nbytes
+    return int(total + layers * (full_layers or len(model.layers)) / len(model.layers))
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(p.nbytes for _, p in tree_flatten(module.parameters()))
 
 
 def model_bytes(model: Model) -> int:
-    return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+    return _nbytes(model)
 
 
 # -- fit advice -----------------------------------------------------------------
@@ -237,10 +242,6 @@ def _dtype(model: Model) -> mx.Dtype:
     return model.model.norm.weight.dtype
 
 
-def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Floating-point parameters (scales, biases, norms) to `dtype`."""
-    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating)
-                          else p, model.parameters()))
 
 
 def mlx_lm_twin(model: Model, dtype: mx.Dtype) -> nn.Module:
@@ -272,8 +273,7 @@ def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int 
     args = model.args
     if prompt_tokens < 1 or gen_tokens < 2 or trials < 1:
         raise HermesError("--prompt-tokens must be >= 1, --gen-tokens >= 2, --trials >= 1")
-    check_context = prompt_tokens + gen_tokens
-    if check_context > args.max_position_embeddings:
+    if prompt_tokens + gen_tokens > args.max_position_embeddings:
         raise HermesError(f"--prompt-tokens plus --gen-tokens exceeds the context of "
                           f"{args.max_position_embeddings}")
     rng = np.random.default_rng(seed)
@@ -302,10 +302,7 @@ def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int 
     scale = 1.0
     if full_layers and full_layers != args.num_hidden_layers:
         scale = full_layers / args.num_hidden_layers
-    per_token = bytes_per_token(model)
-    if scale != 1.0:
-        head = bytes_per_token(model) - _layer_bytes_per_token(model)
-        per_token = int(head + _layer_bytes_per_token(model) * scale)
+    per_token = bytes_per_token(model, full_layers)
 
     result = {"model_layers": args.num_hidden_layers, "full_layers": full_layers or
               args.num_hidden_layers, "extrapolated": scale != 1.0,
@@ -341,13 +338,6 @@ def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int 
     return result
 
 
-def _layer_bytes_per_token(model: Model) -> int:
-    share = model.args.num_experts_per_tok / model.args.num_local_experts
-    total = 0
-    for layer in model.layers:
-        for name, p in tree_flatten(layer.parameters()):
-            total += p.nbytes * share if ".switch_mlp." in f".{name}" else p.nbytes
-    return int(total)
 
 
 def _summarise(runs: list[dict], split: dict, scale: float) -> dict:
