@@ -356,6 +356,7 @@ def _summarise(runs: list[dict], split: dict, scale: float) -> dict:
                 values = [v / scale for v in values]
         out[key] = statistics.fmean(values)
         out[f"{key}_spread"] = (max(values) - min(values)) / 2
+        out[f"{key}_trials"] = values
     return out
 
 

@@ -85,6 +85,7 @@ def test_json_has_the_figures():
                 "time_split", "fit", "speedup_vs_mlx_lm", "mlx-lm"):
         assert key in out
     assert out["decode_tps"] > 0 and out["prompt_tps"] > 0
+    assert len(out["mlx-hermes"]["decode_tps_trials"]) == 2  # each trial, then mean and spread
     assert len(out["expert_counts"]) == 2 and len(out["expert_counts"][0]) == 8
     assert out["bandwidth_gbs"] == pytest.approx(out["bytes_per_token"] * out["decode_tps"] / 1e9)
     assert out["roofline_fraction"] == pytest.approx(out["bandwidth_gbs"] /
