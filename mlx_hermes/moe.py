@@ -93,6 +93,11 @@ class Experts(nn.Module):
 
         def project(layer, h):
             if dense and isinstance(layer, QuantizedSwitchLinear):
+                # Evaluating the input first makes each projection's float
+                # experts exist only while they are used: left lazy, MLX would
+                # dequantize many layers ahead (measured on an H100: 59 GB
+                # peak against mlx-lm's 27 GB). A host sync, in prefill only.
+                mx.eval(h)
                 w = mx.dequantize(layer.weight, layer.scales, layer.biases,
                                   group_size=layer.group_size, bits=layer.bits)  # [E, out, in]
                 return mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=indices,
