@@ -91,23 +91,30 @@ class Experts(nn.Module):
         dense = (do_sort and indices.size >= DENSE_PREFILL_MIN_TOKENS * batch_shape[-1]
                  and dense_prefill_enabled())
 
-        def project(layer, h):
+        def project(layer, h, rows=slice(None)):
             if dense and isinstance(layer, QuantizedSwitchLinear):
                 # Evaluating the input first makes each projection's float
                 # experts exist only while they are used: left lazy, MLX would
                 # dequantize many layers ahead (measured on an H100: 59 GB
                 # peak against mlx-lm's 27 GB). A host sync, in prefill only.
                 mx.eval(h)
-                w = mx.dequantize(layer.weight, layer.scales, layer.biases,
-                                  group_size=layer.group_size, bits=layer.bits)  # [E, out, in]
+                w = mx.dequantize(layer.weight[..., rows, :], layer.scales[..., rows, :],
+                                  layer.biases[..., rows, :], group_size=layer.group_size,
+                                  bits=layer.bits)  # [E, out, in]
                 return mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=indices,
                                     sorted_indices=True)
             return layer(h, indices, sorted_indices=do_sort)
 
-        if "gate_up_proj" in self:
-            gate, up = mx.split(project(self.gate_up_proj, x), 2, axis=-1)  # [..., 1, F] each
-        else:
+        if "gate_up_proj" not in self:
             gate, up = project(self.gate_proj, x), project(self.up_proj, x)
+        elif dense and isinstance(self.gate_up_proj, QuantizedSwitchLinear):
+            # one half at a time: half the float experts in memory at once
+            half = self.gate_up_proj.weight.shape[-2] // 2
+            gate = project(self.gate_up_proj, x, slice(0, half))
+            mx.eval(gate)
+            up = project(self.gate_up_proj, x, slice(half, None))
+        else:
+            gate, up = mx.split(project(self.gate_up_proj, x), 2, axis=-1)  # [..., 1, F] each
         y = project(self.down_proj, swiglu(gate, up))  # [..., 1, D]
         if do_sort:
             y = mx.unflatten(y[mx.argsort(order)], 0, batch_shape)

@@ -36,8 +36,10 @@ def test_fused_gate_up_equals_separate_projections(hf_checkpoint, mlx_lm_quantiz
         assert_close(np.array(model(tokens)), np.array(plain(tokens)), rel=1e-5)
 
 
-def test_dense_prefill_equals_gather_qmm(mlx_lm_quantized, monkeypatch):
-    model, _ = mlx_hermes.load(mlx_lm_quantized(4, 32))
+@pytest.mark.parametrize("bits", [None, 4])
+def test_dense_prefill_equals_gather_qmm(hf_checkpoint, mlx_lm_quantized, monkeypatch, bits):
+    # float experts have nothing to dequantize and must take their usual path
+    model, _ = mlx_hermes.load(hf_checkpoint if bits is None else mlx_lm_quantized(bits, 32))
     tokens = mx.array([prompt(moe.DENSE_PREFILL_MIN_TOKENS + 16, seed=11)])
     monkeypatch.setattr(moe, "DENSE_PREFILL", False)
     portable = np.array(model(tokens))
