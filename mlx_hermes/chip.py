@@ -9,6 +9,7 @@ practical ceiling, and a rated figure is shown too where one is known.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -105,14 +106,10 @@ def _run(cmd: list[str]) -> str:
 
 
 def _cpu_count() -> int:
-    import os
-
     return os.cpu_count() or 1
 
 
 def _physical_memory() -> int:
-    import os
-
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):

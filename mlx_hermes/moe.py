@@ -7,8 +7,6 @@ E experts, k experts per token.
 
 from __future__ import annotations
 
-from functools import partial
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
@@ -121,7 +119,7 @@ class Experts(nn.Module):
         return y.squeeze(-2)
 
 
-@partial(mx.compile)
+@mx.compile
 def _route(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     probs = mx.softmax(logits.astype(mx.float32), axis=-1)  # [..., E]
     indices = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]  # [..., k]
