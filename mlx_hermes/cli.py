@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Callable, Optional
@@ -38,10 +39,11 @@ def main() -> None:
     """Run Nous Hermes 2 Mixtral 8x7B with MLX."""
 
 
-def sampling_options(command: Callable) -> Callable:
+def sampling_options(command: Callable, max_tokens: Optional[int] = 512,
+                     max_tokens_help: str = "most tokens to generate") -> Callable:
     options = [
-        click.option("--max-tokens", "-n", type=int, default=512, show_default=True,
-                     help="most tokens to generate"),
+        click.option("--max-tokens", "-n", type=int, default=max_tokens,
+                     show_default=max_tokens is not None, help=max_tokens_help),
         click.option("--temp", type=float, default=0.7, show_default=True,
                      help="sampling temperature; 0 is greedy"),
         click.option("--top-p", type=float, default=1.0, show_default=True),
@@ -361,6 +363,59 @@ def convert(hf_path: str, mlx_path: str, bits: str, group_size: str, recipe: str
 
         result = converter.quality_report(resolve_model_path(hf_path), mlx_path)
         click.echo(converter.format_report(result))
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help=_MODEL_HELP)
+@click.option("--model-name", default=None,
+              help="the name clients ask for [default: the folder's name or the repo id]")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; 0.0.0.0 opens it to the network")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--api-key", envvar="MLX_HERMES_API_KEY", default=None,
+              help="require `Authorization: Bearer KEY` (or set MLX_HERMES_API_KEY)")
+@click.option("--max-queue", type=click.IntRange(min=1), default=32, show_default=True,
+              help="requests that may wait; more are refused with 503")
+@click.option("--max-context", type=click.IntRange(min=16), default=None,
+              help="most tokens per request, prompt and reply [default: the model's]")
+@click.option("--prompt-cache-gb", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="memory for the KV caches of earlier requests (least recently used go first)")
+@functools.partial(sampling_options, max_tokens=None,
+                   max_tokens_help="default most tokens per reply [default: to the context's end]")
+def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: Optional[str],
+          max_queue: int, max_context: Optional[int], prompt_cache_gb: float, **options) -> None:
+    """Serve the model over OpenAI- and Ollama-compatible HTTP APIs."""
+    from pathlib import Path
+
+    from .loader import resolve_model_path, weight_files
+    from .server import create_app, run
+
+    if options["max_tokens"] is not None and options["max_tokens"] < 1:
+        raise HermesError(f"--max-tokens must be at least 1, got {options['max_tokens']}")
+    _check_options({**options, "max_tokens": options["max_tokens"] or 1})
+    kv_bits = options.pop("kv_bits")
+    _check_port(host, port)  # before a load that can take minutes
+    path = resolve_model_path(model)
+    model_obj, tokenizer = _load(str(path), max_context or 32768, kv_bits)
+    name = model_name or (model if not Path(model).expanduser().exists()
+                          else Path(model).expanduser().resolve().name)
+    app = create_app(model_obj, tokenizer, name=name, api_key=api_key, max_queue=max_queue,
+                     max_context=max_context, cache_bytes=int(prompt_cache_gb * 2**30),
+                     kv_bits=kv_bits, defaults=options,
+                     weights_bytes=sum(f.stat().st_size for f in weight_files(path)))
+    click.echo(f"serving {name} on http://{host}:{port} (OpenAI: /v1, Ollama: /api)"
+               + ("" if api_key is None else ", API key required"), err=True)
+    run(app, host=host, port=port)
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise HermesError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def _converter():

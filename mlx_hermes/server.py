@@ -1,0 +1,655 @@
+"""`mlx-hermes serve`: the model behind OpenAI- and Ollama-compatible HTTP APIs.
+
+FastAPI parses and validates; `Engine` queues and generates. Each API speaks
+its own dialect, errors included: OpenAI clients get `{"error": {...}}` and
+server-sent events, Ollama clients get `{"error": "..."}` and
+newline-delimited JSON. Everything is checked (types, model name, context)
+before a request is queued, so a bad request costs nothing and never reaches
+the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import secrets
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator, Optional, Union
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from mlx_lm.sample_utils import make_logits_processors as _penalties
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from . import __version__
+from .engine import Busy, Done, Engine, Failed
+from .errors import HermesError
+from .generate import Chunk
+from .model import Model
+from .sampling import make_logits_processors, make_sampler
+from .tokenizer import Tokenizer
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+# ---- request bodies ----------------------------------------------------------------------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send many fields we need not read
+
+
+class TextPart(_Body):
+    type: str
+    text: Optional[str] = None
+
+
+class OpenAIMessage(_Body):
+    role: str
+    content: Union[str, list[TextPart], None] = None
+
+
+class _OpenAISampling(_Body):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)  # not OpenAI's, but common in local servers
+    min_p: Optional[float] = Field(None, ge=0, lt=1)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: Optional[dict] = None
+
+
+class ChatCompletionRequest(_OpenAISampling):
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    tools: Optional[list] = None
+
+
+class CompletionRequest(_OpenAISampling):
+    prompt: Union[str, list[str]]
+    echo: bool = False
+
+
+class OllamaMessage(_Body):
+    role: str
+    content: str = ""
+    images: Optional[list] = None
+
+
+class OllamaOptions(_Body):
+    num_predict: Optional[int] = Field(None, ge=-2)
+    num_ctx: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0)
+    top_k: Optional[int] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    min_p: Optional[float] = Field(None, ge=0, lt=1)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    repeat_penalty: Optional[float] = Field(None, gt=0)
+    repeat_last_n: Optional[int] = Field(None, ge=1)
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+
+
+class _OllamaRequest(_Body):
+    model: str
+    stream: bool = True
+    options: OllamaOptions = Field(default_factory=OllamaOptions)
+    format: Optional[Any] = None
+    keep_alive: Optional[Any] = None
+
+
+class OllamaChatRequest(_OllamaRequest):
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: Optional[list] = None
+
+
+class OllamaGenerateRequest(_OllamaRequest):
+    prompt: str = ""
+    system: Optional[str] = None
+    raw: bool = False
+    context: Optional[list[int]] = None
+    images: Optional[list] = None
+
+
+# ---- the app -----------------------------------------------------------------------------
+
+def create_app(model: Model, tokenizer: Tokenizer, *, name: str, api_key: Optional[str] = None,
+               max_queue: int = 32, max_context: Optional[int] = None,
+               cache_bytes: int = 2 << 30, kv_bits: Optional[int] = None,
+               defaults: Optional[dict] = None, weights_bytes: int = 0) -> FastAPI:
+    """An ASGI app serving `model` under `name`. `defaults` are sampling options
+    (as for `stream_generate`) used where a request gives none; a missing
+    max_tokens means "to the end of the context"."""
+    engine = Engine(model, tokenizer, max_queue=max_queue, cache_bytes=cache_bytes,
+                    kv_bits=kv_bits)
+    context = min(max_context or model.args.max_position_embeddings,
+                  model.args.max_position_embeddings)
+    server = _Server(engine, name, context, dict(defaults or {}), weights_bytes)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "a valid API key is needed: Authorization: Bearer <key>",
+                           "invalid_api_key")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.close()  # on Ctrl-C: stop the running generation, refuse the waiting ones
+
+    app = FastAPI(title="mlx-hermes", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None, lifespan=lifespan)
+    app.state.engine = engine
+    router = APIRouter(dependencies=[Depends(check_key)])
+    server.add_routes(router)
+    app.include_router(router)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": name, "busy": engine.active is not None,
+                "waiting": engine.waiting}
+
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(request, exc.status, exc.message, exc.code)
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(request, exc.status_code, str(exc.detail), "not_found")
+
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        return _error(request, 500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, crashed)
+    return app
+
+
+def _error(request: Request, status: int, message: str,
+           code: str = "invalid_request_error") -> JSONResponse:
+    """An error in the dialect of the API that was called."""
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": message}, status_code=status)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None,
+                                   "code": code}}, status_code=status)
+
+
+def _describe(errors: list) -> str:
+    """The first validation error as one line, e.g. `body.temperature: ...`."""
+    if not errors:
+        return "invalid request"
+    e = errors[0]
+    where = ".".join(str(p) for p in e.get("loc", ())) or "body"
+    return f"{where}: {e.get('msg', 'invalid')}"
+
+
+class _Server:
+    def __init__(self, engine: Engine, name: str, context: int, defaults: dict,
+                 weights_bytes: int):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.name = name
+        self.context = context
+        self.defaults = defaults
+        self.weights_bytes = weights_bytes
+        self.created = int(time.time())
+
+    def add_routes(self, r: APIRouter) -> None:
+        r.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        r.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        r.add_api_route("/v1/models", self.models, methods=["GET"])
+        r.add_api_route("/v1/models/{model_id:path}", self.model, methods=["GET"])
+        r.add_api_route("/api/chat", self.ollama_chat, methods=["POST"])
+        r.add_api_route("/api/generate", self.ollama_generate, methods=["POST"])
+        r.add_api_route("/api/tags", self.tags, methods=["GET"])
+        r.add_api_route("/api/version", self.version, methods=["GET"])
+        r.add_api_route("/", self.root, methods=["GET", "HEAD"])
+
+    # ---- shared ------------------------------------------------------------------------
+
+    def check_model(self, requested: Optional[str], ollama: bool = False) -> None:
+        if requested is None and not ollama:
+            return
+        if requested in (self.name, f"{self.name}:latest"):
+            return
+        message = (f"model '{requested}' not found" if ollama else
+                   f"The model `{requested}` does not exist; this server runs `{self.name}`")
+        raise ApiError(404, message, "model_not_found")
+
+    def options(self, max_tokens: Optional[int], prompt_tokens: int, *, context: int,
+                cap: bool, **given: Any) -> dict:
+        """`stream_generate` options: the request's values over the server's
+        defaults, checked; max_tokens fitted to the context."""
+        room = context - prompt_tokens
+        if room < 1:
+            raise ApiError(400, f"the prompt ({prompt_tokens} tokens) does not fit the context "
+                                f"of {context} tokens", "context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = self.defaults.get("max_tokens") or room
+            cap = True
+        if max_tokens < 1:
+            raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}")
+        if max_tokens > room:
+            if not cap:
+                raise ApiError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens "
+                                    f"({max_tokens}) exceeds the context of {context} tokens",
+                               "context_length_exceeded")
+            max_tokens = room
+        opts = {k: v for k, v in self.defaults.items() if k != "max_tokens"}
+        opts.update({k: v for k, v in given.items() if v is not None})
+        presence, frequency = opts.pop("presence_penalty", None), opts.pop("frequency_penalty", None)
+        stop = opts.get("stop")
+        opts["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
+        try:
+            make_sampler(opts.get("temp", 0.0), opts.get("top_p", 1.0), opts.get("top_k", 0),
+                         opts.get("min_p", 0.0))
+            make_logits_processors(opts.get("repetition_penalty"),
+                                   opts.get("repetition_context_size", 20))
+        except HermesError as e:
+            raise ApiError(400, str(e)) from None
+        if presence or frequency:
+            opts["logits_processors"] = _penalties(presence_penalty=presence or None,
+                                                   frequency_penalty=frequency or None)
+        return {**opts, "max_tokens": max_tokens}
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        for m in messages:
+            if m["role"] not in ("system", "user", "assistant"):
+                raise ApiError(400, f"unsupported message role '{m['role']}': use system, "
+                                    "user or assistant")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def start(self, request: Request, ids: list[int], options: dict,
+              stream: bool) -> AsyncIterator[Union[Chunk, Done, Failed]]:
+        """Queue the job now (a full queue is an error before any response
+        starts) and return its events."""
+        loop = asyncio.get_running_loop()
+        inbox = _Inbox(loop)
+        try:
+            job = self.engine.submit(ids, options, inbox.put)
+        except Busy as e:
+            raise ApiError(503, str(e), "server_busy") from None
+        inbox.job = job
+        return self._events(request, job, inbox, stream)
+
+    async def _events(self, request: Request, job, inbox: "_Inbox",
+                      stream: bool) -> AsyncIterator[Union[Chunk, Done, Failed]]:
+        """A client that goes away cancels the job: when streaming, Starlette
+        cancels this generator; otherwise we poll."""
+        try:
+            while True:
+                try:
+                    batch = await asyncio.wait_for(inbox.get(), timeout=None if stream else 1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                for event in batch:
+                    yield event
+                    if isinstance(event, (Done, Failed)):
+                        return
+        finally:
+            job.cancel()
+
+    # ---- OpenAI ------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request):
+        body = await _parse(request, ChatCompletionRequest)
+        self.check_model(body.model)
+        if body.tools:
+            raise ApiError(400, "tools are not supported by this server")
+        messages = [{"role": m.role, "content": _openai_text(m.content)} for m in body.messages]
+        ids = self.chat_ids(messages)
+        max_tokens = (body.max_tokens if body.max_completion_tokens is None
+                      else body.max_completion_tokens)
+        options = self.options(max_tokens, len(ids), context=self.context, cap=False,
+                               **_openai_sampling(body))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": created, "model": self.name}
+        events = self.start(request, ids, options, body.stream)
+        if not body.stream:
+            text, done = await _collect(events)
+            return {**head, "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": None, "finish_reason": done.finish_reason}],
+                    "usage": _usage(done)}
+
+        usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def sse() -> AsyncIterator[str]:
+            chunk = {**head, "object": "chat.completion.chunk"}
+            yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                                    "content": ""},
+                                              "finish_reason": None}]})
+            async for event in events:
+                if isinstance(event, Failed):
+                    yield _sse({"error": {"message": event.message, "type": "server_error"}})
+                    return
+                if isinstance(event, Chunk) and event.text:
+                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": event.text},
+                                                      "finish_reason": None}]})
+                if isinstance(event, Done):
+                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {},
+                                                      "finish_reason": event.finish_reason}]})
+                    if usage:
+                        yield _sse({**chunk, "choices": [], "usage": _usage(event)})
+            yield "data: [DONE]\n\n"
+
+        return _stream(sse(), "text/event-stream")
+
+    async def completions(self, request: Request):
+        body = await _parse(request, CompletionRequest)
+        self.check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt must be one string (batches are not supported)")
+            prompt = prompt[0]
+        if not prompt:
+            raise ApiError(400, "the prompt is empty")
+        if body.echo:
+            raise ApiError(400, "echo is not supported")
+        ids = self.tokenizer.encode(prompt)
+        # OpenAI's legacy endpoint stops at 16 tokens unless told otherwise.
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        options = self.options(max_tokens, len(ids), context=self.context, cap=False,
+                               **_openai_sampling(body))
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.name}
+        events = self.start(request, ids, options, body.stream)
+        if not body.stream:
+            text, done = await _collect(events)
+            return {**head, "choices": [{"index": 0, "text": text, "logprobs": None,
+                                         "finish_reason": done.finish_reason}],
+                    "usage": _usage(done)}
+
+        usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def sse() -> AsyncIterator[str]:
+            async for event in events:
+                if isinstance(event, Failed):
+                    yield _sse({"error": {"message": event.message, "type": "server_error"}})
+                    return
+                if isinstance(event, Chunk) and event.text:
+                    yield _sse({**head, "choices": [{"index": 0, "text": event.text,
+                                                     "logprobs": None, "finish_reason": None}]})
+                if isinstance(event, Done):
+                    yield _sse({**head, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                                     "finish_reason": event.finish_reason}]})
+                    if usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(event)})
+            yield "data: [DONE]\n\n"
+
+        return _stream(sse(), "text/event-stream")
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [self._model_card()]}
+
+    def model(self, model_id: str) -> dict:
+        self.check_model(model_id)
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created,
+                "owned_by": "mlx-hermes"}
+
+    # ---- Ollama ------------------------------------------------------------------------
+
+    async def ollama_chat(self, request: Request):
+        body = await _parse(request, OllamaChatRequest)
+        self.check_model(body.model, ollama=True)
+        _ollama_unsupported(body.format, body.tools, any(m.images for m in body.messages))
+        if not body.messages:  # Ollama's way of loading a model: nothing to generate
+            return {"model": body.model, "created_at": _now(), "message": {
+                "role": "assistant", "content": ""}, "done": True, "done_reason": "load"}
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        ids = self.chat_ids(messages)
+        return await self._ollama(request, body, ids, "chat")
+
+    async def ollama_generate(self, request: Request):
+        body = await _parse(request, OllamaGenerateRequest)
+        self.check_model(body.model, ollama=True)
+        _ollama_unsupported(body.format, None, bool(body.images))
+        if not body.prompt:
+            return {"model": body.model, "created_at": _now(), "response": "", "done": True,
+                    "done_reason": "load"}
+        if body.raw:
+            ids = self.tokenizer.encode(body.prompt)
+        else:
+            messages = [{"role": "system", "content": body.system}] if body.system else []
+            ids = self.chat_ids(messages + [{"role": "user", "content": body.prompt}])
+            if body.context:  # an earlier reply's context: continue that conversation
+                ids = list(body.context) + ids[1:]
+        return await self._ollama(request, body, ids, "generate")
+
+    async def _ollama(self, request: Request, body: _OllamaRequest, ids: list[int], kind: str):
+        o = body.options
+        context = min(o.num_ctx, self.context) if o.num_ctx else self.context
+        # Ollama: -1 and -2 mean "until the context is full"; it never refuses a long num_predict.
+        max_tokens = None if o.num_predict is None else (
+            context if o.num_predict < 0 else o.num_predict)
+        if o.num_predict == 0:
+            raise ApiError(400, "options.num_predict must not be 0")
+        options = self.options(max_tokens, len(ids), context=context, cap=True,
+                               temp=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p,
+                               seed=o.seed, stop=o.stop, repetition_penalty=o.repeat_penalty,
+                               repetition_context_size=o.repeat_last_n,
+                               presence_penalty=o.presence_penalty,
+                               frequency_penalty=o.frequency_penalty)
+        start = time.perf_counter_ns()
+        events = self.start(request, ids, options, body.stream)
+
+        def part(text: str) -> dict:
+            field = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {
+                "response": text}
+            return {"model": body.model, "created_at": _now(), **field}
+
+        def final(done: Done, text: str = "") -> dict:
+            out = {**part(text), "done": True, "done_reason": done.finish_reason,
+                   "total_duration": time.perf_counter_ns() - start, "load_duration": 0,
+                   "prompt_eval_count": done.prompt_tokens - done.cached_tokens,
+                   "prompt_eval_duration": int(done.prefill_s * 1e9),
+                   "eval_count": done.generated_tokens,
+                   "eval_duration": int(done.decode_s * 1e9)}
+            if kind == "generate":
+                out["context"] = done.ids
+            return out
+
+        if not body.stream:
+            text, done = await _collect(events)
+            return final(done, text)
+
+        async def ndjson() -> AsyncIterator[str]:
+            async for event in events:
+                if isinstance(event, Failed):
+                    yield json.dumps({"error": event.message}) + "\n"
+                    return
+                if isinstance(event, Chunk) and event.text:
+                    yield json.dumps({**part(event.text), "done": False}) + "\n"
+                if isinstance(event, Done):
+                    yield json.dumps(final(event)) + "\n"
+
+        return _stream(ndjson(), "application/x-ndjson")
+
+    def tags(self) -> dict:
+        a = self.engine.model.args
+        bits = {getattr(m, "bits", None) for _, m in self.engine.model.named_modules()} - {None}
+        level = f"Q{min(bits)}" if bits else "F16"
+        return {"models": [{
+            "name": f"{self.name}:latest", "model": f"{self.name}:latest",
+            "modified_at": datetime.fromtimestamp(self.created, timezone.utc).isoformat(),
+            "size": self.weights_bytes,
+            "digest": hashlib.sha256(f"{self.name}{self.weights_bytes}".encode()).hexdigest(),
+            "details": {"format": "safetensors", "family": "mixtral", "families": ["mixtral"],
+                        "parameter_size": _parameter_size(a), "quantization_level": level}}]}
+
+    def version(self) -> dict:
+        return {"version": __version__}
+
+    def root(self) -> PlainTextResponse:
+        return PlainTextResponse("mlx-hermes is running")
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+def _openai_text(content) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.type != "text":
+            raise ApiError(400, f"content of type '{part.type}' is not supported: text only")
+        parts.append(part.text or "")
+    return "".join(parts)
+
+
+def _openai_sampling(body: _OpenAISampling) -> dict:
+    if isinstance(body.stop, list) and len(body.stop) > 4:
+        raise ApiError(400, "stop takes at most 4 strings")
+    return {"temp": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+            "min_p": body.min_p, "seed": body.seed, "stop": body.stop,
+            "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty}
+
+
+def _ollama_unsupported(fmt, tools, images: bool) -> None:
+    if fmt:
+        raise ApiError(400, "format (structured output) is not supported by this server")
+    if tools:
+        raise ApiError(400, "tools are not supported by this server")
+    if images:
+        raise ApiError(400, "images are not supported: this model reads text only")
+
+
+class _Inbox:
+    """Events from the engine's thread to the event loop, in batches.
+
+    One wake-up per batch, not per token: a fast model (or a client that
+    reads slowly) must not flood the loop with callbacks and starve other
+    requests of it. Consecutive chunks are joined into one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.job = None
+        self._lock = threading.Lock()
+        self._pending: list = []
+        self._ready = asyncio.Event()
+
+    def put(self, event) -> None:  # on the engine's thread
+        with self._lock:
+            self._pending.append(event)
+            if len(self._pending) > 1:
+                return  # a wake-up is already on its way
+        try:
+            self.loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the event loop is gone: nobody is listening
+            if self.job is not None:
+                self.job.cancel()
+
+    async def get(self) -> list:
+        await self._ready.wait()
+        self._ready.clear()
+        with self._lock:
+            batch, self._pending = self._pending, []
+        out: list = []
+        for event in batch:
+            if isinstance(event, Chunk) and out and isinstance(out[-1], Chunk):
+                out[-1] = Chunk(out[-1].text + event.text, event.token)
+            else:
+                out.append(event)
+        return out
+
+
+async def _parse(request: Request, cls: type[BaseModel]) -> Any:
+    """The body as `cls`, whatever the Content-Type (curl -d sends a form type,
+    and Ollama's own examples do just that)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(400, _describe(e.errors())) from None
+
+
+async def _collect(events: AsyncIterator) -> tuple[str, Done]:
+    text = []
+    async for event in events:
+        if isinstance(event, Failed):
+            raise ApiError(500, event.message, "server_error")
+        if isinstance(event, Chunk):
+            text.append(event.text)
+        if isinstance(event, Done):
+            return "".join(text), event
+    raise ApiError(499, "the client went away", "cancelled")
+
+
+def _usage(done: Done) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.generated_tokens,
+            "total_tokens": done.prompt_tokens + done.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+
+
+def _stream(body: AsyncIterator[str], media_type: str) -> StreamingResponse:
+    return StreamingResponse(body, media_type=media_type,
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _parameter_size(a) -> str:
+    attention = a.hidden_size * a.dims_per_head * (2 * a.num_attention_heads
+                                                   + 2 * a.num_key_value_heads)
+    experts = 3 * a.hidden_size * a.intermediate_size * a.num_local_experts
+    router = a.hidden_size * a.num_local_experts
+    total = a.num_hidden_layers * (attention + experts + router) + 2 * a.vocab_size * a.hidden_size
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if total >= scale:
+            return f"{total / scale:.1f}{unit}"
+    return str(total)
+
+
+def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8080,
+        log_level: str = "info") -> None:
+    """Serve until Ctrl-C."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # End the generations first, so open streams finish at once and
+            # uvicorn's graceful shutdown has no connection to wait for.
+            app.state.engine.cancel_all()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=5)
+    try:
+        Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its clean shutdown: done
+        pass

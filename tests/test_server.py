@@ -1,0 +1,427 @@
+"""`mlx-hermes serve`: real OpenAI and Ollama clients against a live server on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import ollama
+import openai
+import pytest
+import uvicorn
+from click.testing import CliRunner
+
+import mlx_hermes
+from mlx_hermes.cli import main
+from mlx_hermes.engine import Busy, Done, Engine
+from mlx_hermes.server import create_app
+
+from .test_cli import mlx_hermes_command
+
+NAME = "hermes-test"
+
+
+class LiveServer:
+    """uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app):
+        self.app = app
+        self.engine = app.state.engine
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+    def wait_idle(self, timeout: float = 10.0) -> float:
+        """Seconds until the engine has nothing running or waiting."""
+        start = time.time()
+        while self.engine.active is not None or self.engine.waiting:
+            assert time.time() - start < timeout, "the engine is still busy"
+            time.sleep(0.01)
+        return time.time() - start
+
+
+@pytest.fixture(scope="module")
+def model(loaded):
+    return loaded()
+
+
+@pytest.fixture(scope="module")
+def live(model):
+    server = LiveServer(create_app(*model, name=NAME, max_context=1024, defaults={"temp": 0.0}))
+    yield server
+    server.stop()
+
+
+def alone(model, ids: list[int], max_tokens: int) -> str:
+    """What the model writes for `ids` with nothing else going on: the reference."""
+    return mlx_hermes.generate(*model, ids, max_tokens=max_tokens, temp=0.0)
+
+
+def chat_ids(model, messages) -> list[int]:
+    return model[1].apply_chat_template(messages)
+
+
+# ---- the real client libraries ---------------------------------------------------------------
+
+def test_openai_client_chat_and_completion(live, model):
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [NAME]
+    messages = [{"role": "system", "content": "You are Hermes."},
+                {"role": "user", "content": "Name three colours."}]
+    expected = alone(model, chat_ids(model, messages), 12)
+
+    reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12,
+                                           temperature=0)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(chat_ids(model, messages))
+    assert reply.usage.completion_tokens == 12
+
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+    prompt = "The capital of France is"
+    expected = alone(model, model[1].encode(prompt), 9)
+    done = client.completions.create(model=NAME, prompt=prompt, max_tokens=9, temperature=0)
+    assert done.choices[0].text == expected
+    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=9,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+
+
+def test_ollama_client_chat_and_generate(live, model):
+    client = ollama.Client(host=live.url)
+    assert [m.model for m in client.list().models] == [f"{NAME}:latest"]
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    expected = alone(model, chat_ids(model, messages), 10)
+    options = {"num_predict": 10, "temperature": 0}
+
+    reply = client.chat(model=NAME, messages=messages, options=options)
+    assert reply.message.content == expected
+    assert reply.done and reply.done_reason == "length" and reply.eval_count == 10
+    parts = list(client.chat(model=f"{NAME}:latest", messages=messages, options=options,
+                             stream=True))
+    assert "".join(p.message.content for p in parts) == expected
+    assert parts[-1].done and not any(p.done for p in parts[:-1])
+
+    prompt = "Why is the sky blue?"  # templated as a user turn, so the same ids as the chat
+    made = client.generate(model=NAME, prompt=prompt, options=options)
+    assert made.response == expected
+    streamed = list(client.generate(model=NAME, prompt=prompt, options=options, stream=True))
+    assert "".join(p.response for p in streamed) == expected
+    assert streamed[-1].context[: len(chat_ids(model, messages))] == chat_ids(model, messages)
+
+    raw = client.generate(model=NAME, prompt="Once upon a time", raw=True, options=options)
+    assert raw.response == alone(model, model[1].encode("Once upon a time"), 10)
+    assert httpx.get(f"{live.url}/api/version").json()["version"] == mlx_hermes.__version__
+
+
+def test_ollama_stop_seed_and_num_ctx(live, model):
+    client = ollama.Client(host=live.url)
+    messages = [{"role": "user", "content": "Count to ten."}]
+    full = client.chat(model=NAME, messages=messages, options={"num_predict": 16,
+                                                                "temperature": 0})
+    text = full.message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = client.chat(model=NAME, messages=messages, options={"num_predict": 16,
+                                                               "temperature": 0, "stop": [stop]})
+    assert cut.message.content == text[: text.find(stop)] and cut.done_reason == "stop"
+
+    sampled = {"num_predict": 8, "temperature": 1.0, "seed": 7}
+    a = client.chat(model=NAME, messages=messages, options=sampled).message.content
+    b = client.chat(model=NAME, messages=messages, options=sampled).message.content
+    assert a == b
+
+    # num_ctx bounds this request: generation stops when the context is full
+    n = len(chat_ids(model, messages))
+    short = client.chat(model=NAME, messages=messages,
+                        options={"num_ctx": n + 3, "num_predict": -1, "temperature": 0})
+    assert short.eval_count == 3 and short.done_reason == "length"
+    with pytest.raises(ollama.ResponseError, match="does not fit"):
+        client.chat(model=NAME, messages=messages, options={"num_ctx": n})
+
+
+# ---- concurrency, disconnects, the queue ---------------------------------------------------
+
+def test_sixteen_concurrent_clients_each_get_what_they_get_alone(live, model):
+    prompts = [f"Tell me fact number {i} about the sea." for i in range(16)]
+    expected = [alone(model, chat_ids(model, [{"role": "user", "content": p}]), 8)
+                for p in prompts]
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+
+    def ask(prompt: str) -> str:
+        r = client.chat.completions.create(model=NAME, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": prompt}])
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, prompts))
+    assert got == expected
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_model(live, model):
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": 1000, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{live.url}/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            got = [next(lines) for _ in range(8)]
+            assert all(not line or line.startswith("data: ") for line in got)
+            assert live.engine.active is not None
+        # 1000 tokens take seconds here; a cancelled job ends within a token or two
+        assert live.wait_idle(timeout=5.0) < 5.0
+    with httpx.Client(timeout=30) as http:
+        r = http.post(f"{live.url}/api/chat", json={
+            "model": NAME, "stream": False, "messages": [{"role": "user", "content": "Hi"}],
+            "options": {"num_predict": 3}})
+    assert r.status_code == 200 and r.json()["eval_count"] == 3
+
+
+def test_a_full_queue_is_refused_at_once(model):
+    server = LiveServer(create_app(*model, name=NAME, max_queue=1))
+    # Hold the engine's thread inside a job of our own: the model is busy for as long as we like.
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(event):
+        busy.set()
+        release.wait(30)
+
+    blocker = server.engine.submit(model[1].encode("Hi"), {"max_tokens": 2}, hold)
+    try:
+        assert busy.wait(10)
+        chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=chat,
+                                 timeout=30)
+            deadline = time.time() + 10
+            while server.engine.waiting < 1:
+                assert time.time() < deadline, "the second request was not queued"
+                time.sleep(0.01)
+            t = time.time()
+            refused = httpx.post(f"{server.url}/api/chat", json={**OLLAMA}, timeout=30)
+            assert time.time() - t < 2
+            assert refused.status_code == 503 and "busy" in refused.json()["error"]
+            refused = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=30)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_busy"
+            release.set()
+            assert queued.result().status_code == 200  # the queued one is served after all
+    finally:
+        release.set()
+        blocker.cancel()
+        server.stop()
+
+
+# ---- bad input, auth ---------------------------------------------------------------------
+
+CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+OLLAMA = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
+          "options": {"num_predict": 4}}
+
+
+@pytest.mark.parametrize("path,body,status,says", [
+    ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/chat/completions", b"[1, 2]", 400, "valid dictionary"),
+    ("/v1/chat/completions", {**CHAT, "messages": "Hi"}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {**CHAT, "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": -5}, 400, "at least 1"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 10**12}, 400, "exceeds the context"),
+    ("/v1/chat/completions", {**CHAT, "model": "gpt-4"}, 404, "does not exist"),
+    ("/v1/chat/completions", {**CHAT, "n": 3}, 400, "n"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "role"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hi " * 2000}]},
+     400, "does not fit"),
+    ("/v1/completions", {"model": NAME, "prompt": ""}, 400, "empty"),
+    ("/v1/completions", {"model": NAME, "prompt": ["a", "b"]}, 400, "one string"),
+    ("/api/chat", b"{", 400, "not valid JSON"),
+    ("/api/chat", {**OLLAMA, "model": "llama3"}, 404, "not found"),
+    ("/api/chat", {**OLLAMA, "options": {"num_predict": -7}}, 400, "num_predict"),
+    ("/api/chat", {**OLLAMA, "options": {"temperature": "x"}}, 400, "temperature"),
+    ("/api/chat", {**OLLAMA, "format": "json"}, 400, "format"),
+    ("/api/generate", {"model": NAME, "prompt": 5}, 400, "prompt"),
+    ("/api/generate", {"prompt": "Hi"}, 400, "model"),
+    ("/api/nothing", {}, 404, "Not Found"),
+])
+def test_bad_requests_get_errors_in_the_api_s_own_format(live, path, body, status, says):
+    with httpx.Client(timeout=30) as http:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = http.post(f"{live.url}{path}", content=content)
+        assert r.status_code == status
+        error = r.json()["error"]
+        message = error if path.startswith("/api/") else error["message"]
+        assert isinstance(message, str) and says in message
+        assert http.get(f"{live.url}/health").json()["status"] == "ok"
+
+
+def test_api_key(model):
+    server = LiveServer(create_app(*model, name=NAME, api_key="s3cret"))
+    try:
+        with httpx.Client(timeout=30) as http:
+            assert http.get(f"{server.url}/health").status_code == 200
+            assert http.get(f"{server.url}/v1/models").status_code == 401
+            assert http.get(f"{server.url}/api/tags").json() == {
+                "error": "a valid API key is needed: Authorization: Bearer <key>"}
+            wrong = {"Authorization": "Bearer nope"}
+            assert http.post(f"{server.url}/api/chat", json=OLLAMA, headers=wrong).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope").models.list()
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret")
+        assert client.chat.completions.create(**CHAT).choices[0].message.content
+        o = ollama.Client(host=server.url, headers={"Authorization": "Bearer s3cret"})
+        assert o.chat(model=NAME, messages=OLLAMA["messages"], options={"num_predict": 2}).done
+    finally:
+        server.stop()
+
+
+# ---- the prefix cache ----------------------------------------------------------------------
+
+def test_a_follow_up_turn_prefills_only_its_new_tokens(live, model):
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused")
+    messages = [{"role": "system", "content": "You are a terse assistant."},
+                {"role": "user", "content": "Pick a number between one and ten."}]
+    first = client.chat.completions.create(model=NAME, messages=messages, max_tokens=6,
+                                           temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "Now double it."}]
+    second = client.chat.completions.create(model=NAME, messages=messages, max_tokens=6,
+                                            temperature=0)
+    # the whole first prompt is reused; what is prefilled is the reply and the new turn
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    new = second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens
+    assert new <= second.usage.prompt_tokens - first.usage.prompt_tokens
+    # ... and the reply is what a from-scratch run gives
+    assert second.choices[0].message.content == alone(model, chat_ids(model, messages), 6)
+
+    # Ollama reports the same thing as prompt_eval_count
+    o = ollama.Client(host=live.url)
+    again = o.chat(model=NAME, messages=messages, options={"num_predict": 6, "temperature": 0})
+    assert again.prompt_eval_count == 1  # all cached but the last token, recomputed for logits
+
+
+def test_the_prefix_cache_keeps_to_its_byte_budget(model):
+    # room for about 3 of these prompts' caches (KVCache grows in steps of 256 tokens)
+    layer = 2 * model[0].args.num_key_value_heads * 256 * model[0].args.dims_per_head * 4
+    BUDGET = int(3.5 * layer * len(model[0].layers))
+    engine = Engine(*model, cache_bytes=BUDGET)
+    try:
+        tokenizer = model[1]
+        for i in range(6):
+            done = queue_and_wait(engine, tokenizer.encode(f"prompt number {i} " * 20), 4)
+            assert isinstance(done, Done)
+            assert engine.prompt_cache.nbytes <= BUDGET
+        assert 1 < len(engine.prompt_cache) < 6  # the oldest went first
+
+        # a resumed prompt that was evicted is prefilled in full, a recent one is not
+        recent = queue_and_wait(engine, tokenizer.encode("prompt number 5 " * 20), 4)
+        old = queue_and_wait(engine, tokenizer.encode("prompt number 0 " * 20), 4)
+        assert recent.cached_tokens == recent.prompt_tokens - 1
+        assert old.cached_tokens < 10  # only the shared "prompt number" start
+    finally:
+        engine.close()
+
+
+def queue_and_wait(engine: Engine, ids: list[int], max_tokens: int):
+    events = []
+    finished = threading.Event()
+
+    def sink(event):
+        events.append(event)
+        if not hasattr(event, "token"):
+            finished.set()
+
+    engine.submit(ids, {"max_tokens": max_tokens, "temp": 0.0}, sink)
+    assert finished.wait(30)
+    return events[-1]
+
+
+def test_engine_refuses_when_the_queue_is_full(model):
+    engine = Engine(*model, max_queue=1)
+    try:
+        ids = model[1].encode("Hello")
+        started = threading.Event()
+        first = engine.submit(ids, {"max_tokens": 2000}, lambda e: started.set())
+        assert started.wait(10)
+        engine.submit(ids, {"max_tokens": 2}, lambda e: None)
+        with pytest.raises(Busy):
+            engine.submit(ids, {"max_tokens": 2}, lambda e: None)
+        first.cancel()
+    finally:
+        engine.close()
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+def test_serve_bad_input_is_one_line(tiny_model):
+    runner = CliRunner()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = runner.invoke(main, ["serve", "-m", str(tiny_model), "--port", str(port)])
+    assert r.exit_code != 0 and f"cannot listen on 127.0.0.1:{port}" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(main, ["serve", "-m", str(tiny_model), "--max-queue", "0"])
+    assert r.exit_code != 0 and "--max-queue" in r.output
+    r = runner.invoke(main, ["serve", "-m", str(tiny_model), "--temp", "-1"])
+    assert r.exit_code != 0 and "temp" in r.output
+
+
+def test_serve_process_smoke(tiny_model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        mlx_hermes_command() + ["serve", "-m", str(tiny_model), "--port", str(port),
+                                "--model-name", "hermes", "--api-key", "k", "--max-tokens", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.time() < deadline, process.stdout.read()
+            time.sleep(0.2)
+        client = ollama.Client(host=url, headers={"Authorization": "Bearer k"})
+        reply = client.chat(model="hermes", messages=[{"role": "user", "content": "Hi"}])
+        assert reply.done and reply.eval_count <= 5
+        # Ctrl-C in the middle of a long streamed reply: a prompt, clean exit
+        long = client.chat(model="hermes", messages=[{"role": "user", "content": "Hi"}],
+                           stream=True, options={"num_predict": 100_000})
+        next(long)
+    finally:
+        process.send_signal(signal.SIGINT)
+        t = time.time()
+        out, _ = process.communicate(timeout=30)
+    assert time.time() - t < 15
+    assert process.returncode == 0, f"exit {process.returncode}: {out}"
+    assert "serving hermes on http://127.0.0.1" in out and "Traceback" not in out
