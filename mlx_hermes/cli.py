@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Callable, Optional
 
@@ -25,7 +26,7 @@ class _Group(click.Group):
             click.echo(f"error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except HermesError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_rank_prefix()}{e}", err=True)
             sys.exit(1)
         except (KeyboardInterrupt, click.Abort):
             click.echo("\ninterrupted", err=True)
@@ -72,17 +73,42 @@ def _check_options(options: dict) -> None:
 
 
 def _load(model: str, tokens: int, kv_bits: Optional[int]):
+    from . import distributed
     from .loader import load, resolve_model_path
     from .memory import check_fits
 
     path = resolve_model_path(model)
-    check_fits(path, tokens, kv_bits)
-    click.echo(f"loading {model} ...", err=True)
-    return load(path)
+    group = distributed.world() if _launched() else None
+    if group is None:
+        check_fits(path, tokens, kv_bits)
+        click.echo(f"loading {model} ...", err=True)
+        return load(path)
+    # Under mlx.launch: this rank's slice of the model; only rank 0 talks.
+    distributed.start_watchdog(group)
+    if group.rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    _info(f"loading {model} across {group.size()} ranks ...")
+    with _bar("loading layers", group.rank() == 0) as update:
+        return distributed.load_sharded(path, group, progress=update)
+
+
+def _launched() -> bool:
+    """Started by mlx.launch (which sets MLX_RANK on every rank)."""
+    return "MLX_RANK" in os.environ
+
+
+def _rank_prefix() -> str:
+    return f"rank {os.environ['MLX_RANK']}: " if _launched() else ""
+
+
+def _info(message: str) -> None:
+    """A status line on stderr, from rank 0 only when launched on several."""
+    if os.environ.get("MLX_RANK", "0") == "0":
+        click.echo(message, err=True)
 
 
 def _prefill_progress(done: int, total: int) -> None:
-    if total > 2048:  # only prompts long enough to take a while
+    if total > 2048 and os.environ.get("MLX_RANK", "0") == "0":  # long prompts, rank 0
         click.echo(f"\rprefill {done}/{total} tokens", err=True, nl=done == total)
 
 
@@ -134,7 +160,7 @@ def generate(model: str, prompt: str, system: Optional[str], raw: bool, stop: tu
         click.echo(json.dumps(result))
     else:
         click.echo()
-        click.echo(_stats_line(last.stats), err=True)
+        _info(_stats_line(last.stats))
 
 
 CHAT_HELP = """commands:
@@ -168,16 +194,17 @@ def _repl(session) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    click.echo("mlx-hermes chat: /help for commands, Ctrl-D to exit", err=True)
+    _info("mlx-hermes chat: /help for commands, Ctrl-D to exit")
+    split = getattr(session.model, "group", None) is not None
     while True:
         try:
-            line = input(">>> ")
-        except EOFError:
-            click.echo()
-            return
+            line = _read_line(session.model)
         except KeyboardInterrupt:
             click.echo()
             continue
+        if line is None:
+            click.echo()
+            return
         command, _, arg = line.strip().partition(" ")
         arg = arg.strip()
         try:
@@ -193,6 +220,9 @@ def _repl(session) -> None:
             elif command == "/system":
                 session.set_system(arg or None)
                 click.echo("(system prompt set)" if arg else "(system prompt removed)")
+            elif command in ("/save", "/load") and split:
+                raise HermesError(f"{command} is not available when the model is split "
+                                  "across machines")
             elif command == "/save":
                 _need(arg, "/save FILE")
                 session.save(arg)
@@ -210,7 +240,33 @@ def _repl(session) -> None:
             else:
                 _reply(session, line)
         except HermesError as e:
-            click.echo(f"error: {e}", err=True)
+            _info(f"error: {e}")  # every rank hits the same error: one says it
+
+
+def _read_line(model) -> Optional[str]:
+    """The next line of input; None at its end. With the model split across
+    ranks, rank 0 reads it and every rank gets the same line."""
+    from . import distributed
+
+    group = getattr(model, "group", None)
+    if group is None:
+        try:
+            return input(">>> ")
+        except EOFError:
+            return None
+    watchdog = distributed.start_watchdog(group)
+    watchdog.paused = True  # a person may take their time
+    try:
+        line = None
+        if group.rank() == 0:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                pass
+        return distributed.broadcast_text(line, group)
+    finally:
+        watchdog.paused = False
+        watchdog.beat()
 
 
 def _need(arg: str, usage: str) -> None:
@@ -229,10 +285,14 @@ def _reply(session, text: str) -> None:
             click.echo()
             return
         except KeyboardInterrupt:
+            if getattr(session.model, "group", None) is not None:
+                raise  # the other ranks cannot know: stop them all (mlx.launch does)
             click.echo("\n(stopped)")
             return
         except ContextFull as e:
-            if not click.confirm(f"{e}. Drop the oldest turns?", default=True):
+            if getattr(session.model, "group", None) is not None:
+                _info(f"({e}: dropping the oldest turn)")  # every rank decides alike
+            elif not click.confirm(f"{e}. Drop the oldest turns?", default=True):
                 return
             if not session.drop_oldest_turn():
                 raise HermesError("this message alone is too long for the context") from None
@@ -271,6 +331,9 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
         raise HermesError("--layers applies to --synthetic only")
     if prompt_tokens < 1 or gen_tokens < 2 or trials < 1:
         raise HermesError("--prompt-tokens must be >= 1, --gen-tokens >= 2 and --trials >= 1")
+    if _launched() and (synthetic or compare_mlx_lm):
+        raise HermesError("under mlx.launch, profile takes --model (no --synthetic, no "
+                          "--compare-mlx-lm)")
     chip = detect()
     if not chip.name.startswith("Apple"):
         chip.measured_gbs = measure_bandwidth()
@@ -300,6 +363,11 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
     result = prof.profile(model_obj, chip, prompt_tokens, gen_tokens, trials,
                           compare_mlx_lm=compare_mlx_lm, mlx_lm_dtype=checkpoint_dtype,
                           full_layers=full_layers)
+    group = getattr(model_obj, "group", None)
+    if group is not None:
+        from .distributed import rank_report
+
+        result["ranks"] = rank_report(model_obj, group, result["decode_tps"])
     what = "this Mac's GPU working set" if working_set else "this machine's memory"
     result["fit"] = prof.fit_advice(limit)
     result["fit_limit_gb"] = limit / 1e9
@@ -307,6 +375,9 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
         click.echo(json.dumps(result))
         return
     click.echo(prof.format_table(result))
+    if group is not None:
+        click.echo(prof.format_ranks(result["ranks"]))
+        return
     click.echo(prof.format_advice(result["fit"], limit, what))
     if working_set:
         raised = chip.memory_bytes - 4 * 2**30

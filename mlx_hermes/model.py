@@ -170,6 +170,7 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.model = MixtralModel(args)
+        self.group = None  # set by distributed.shard
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 

@@ -133,6 +133,7 @@ class SparseMoeBlock(nn.Module):
         self.top_k = top_k
         self.gate = nn.Linear(dims, num_experts, bias=False)
         self.switch_mlp = Experts(dims, hidden_dims, num_experts)
+        self.group = None  # set by distributed.shard: each rank holds a slice of every expert
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Each token's k experts and their weights, as transformers does:
@@ -143,4 +144,7 @@ class SparseMoeBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = self.route(x)
         y = self.switch_mlp(x, indices)  # [B, L, k, D]
-        return (y * weights[..., None]).sum(axis=-2)  # [B, L, D]
+        y = (y * weights[..., None]).sum(axis=-2)  # [B, L, D]
+        if self.group is not None:
+            y = mx.distributed.all_sum(y, group=self.group)
+        return y

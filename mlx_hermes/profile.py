@@ -391,3 +391,14 @@ def format_table(result: dict) -> str:
     for i, counts in enumerate(result["expert_counts"]):
         rows.append(f"  layer {i:>2}: " + " ".join(f"{c:>5}" for c in counts))
     return "\n".join(rows)
+
+
+def format_ranks(ranks: list[dict]) -> str:
+    """The per-rank table of a profile run under mlx.launch."""
+    lines = ["", "rank  weights held  read per token  communication per token  decode tok/s"]
+    for r in ranks:
+        share = r["comm_ms_per_token"] / (1e3 / r["decode_tps"]) if r["decode_tps"] else 0.0
+        lines.append(f"{r['rank']:>4}  {r['weights_gb']:>9.2f} GB  {r['bytes_per_token_gb']:>11.3f} GB"
+                     f"  {r['comm_ms_per_token']:>9.2f} ms ({share:>4.0%} of a token)"
+                     f"  {r['decode_tps']:>12.1f}")
+    return "\n".join(lines)
