@@ -461,6 +461,9 @@ def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: 
     from .loader import resolve_model_path, weight_files
     from .server import create_app, run
 
+    if _launched():
+        raise HermesError("serve runs on one machine; under mlx.launch use generate, chat or "
+                          "profile")
     if options["max_tokens"] is not None and options["max_tokens"] < 1:
         raise HermesError(f"--max-tokens must be at least 1, got {options['max_tokens']}")
     _check_options({**options, "max_tokens": options["max_tokens"] or 1})

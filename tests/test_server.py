@@ -390,6 +390,8 @@ def test_serve_bad_input_is_one_line(tiny_model):
     assert r.exit_code != 0 and "--max-queue" in r.output
     r = runner.invoke(main, ["serve", "-m", str(tiny_model), "--temp", "-1"])
     assert r.exit_code != 0 and "temp" in r.output
+    r = runner.invoke(main, ["serve", "-m", str(tiny_model)], env={"MLX_RANK": "0"})
+    assert r.exit_code != 0 and "serve runs on one machine" in r.output
 
 
 def test_serve_process_smoke(tiny_model):
