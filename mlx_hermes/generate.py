@@ -134,7 +134,7 @@ def stream_generate(
                 yield Chunk(text, token)
         finally:
             steps.close()
-            if model.group is not None:
+            if getattr(model, "group", None) is not None:
                 # generate_step computes one token ahead on its own stream; on
                 # a split model that step's collectives must finish before any
                 # later ones start, or ranks would pair them differently.
