@@ -60,7 +60,12 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--no-cpu-streams", action="store_true",
+                    help="leave the work on one CPU stream (mlx_hermes/cpu.py off): the baseline")
     args = ap.parse_args()
+    from mlx_hermes import cpu
+
+    cpu.ENABLED = not args.no_cpu_streams
 
     path = build(args.workdir)
     model, _ = mlx_hermes.load(path)
@@ -77,6 +82,7 @@ def main() -> None:
               f"{r['speedup_vs_mlx_lm']['decode']:5.2f}x {r['prompt_tps']:13.1f} "
               f"{r['mlx-lm']['prompt_tps']:8.1f} {r['speedup_vs_mlx_lm']['prefill']:5.2f}x")
     print(json.dumps({"benchmark": "cpu_midsize", "machine": platform.platform(),
+                      "cpu_streams": cpu.ENABLED,
                       "chip": chip.name, **{k: {"decode_tps": r["decode_tps"],
                                                 "prompt_tps": r["prompt_tps"],
                                                 "mlx_lm": r["mlx-lm"],

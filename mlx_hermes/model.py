@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
+from . import cpu
 from .errors import HermesError
 from .moe import SparseMoeBlock
 
@@ -178,7 +179,7 @@ class Model(nn.Module):
         h = self.model(tokens, cache)  # [B, L, D]
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)  # [B, L, V]
+        return cpu.linear(self.lm_head, h)  # [B, L, V]
 
     @property
     def layers(self) -> list:

@@ -12,6 +12,8 @@ import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from . import cpu
+
 # Below this many (token, expert) pairs the gathered matmuls read each expert
 # once per token anyway; above it, grouping tokens by expert lets each
 # expert's weights be read once for all its tokens (mlx-lm uses the same 64).
@@ -77,18 +79,24 @@ class Experts(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # x: [..., D], indices: [..., k] -> [..., k, D]
-        batch_shape = indices.shape
-        x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
-        do_sort = indices.size >= SORT_THRESHOLD
-        if do_sort:
-            k = indices.shape[-1]
-            flat = indices.flatten()  # [N*k]
-            order = mx.argsort(flat)
-            x = x.flatten(0, -3)[order // k]  # [N*k, 1, D], grouped by expert
-            indices = flat[order]
-        dense = (do_sort and indices.size >= DENSE_PREFILL_MIN_TOKENS * batch_shape[-1]
-                 and dense_prefill_enabled())
+        if indices.size < SORT_THRESHOLD:
+            # decoding: on a multi-core CPU the k chosen experts run side by side
+            def mlp(x, indices):
+                return self._mlp(mx.expand_dims(x, (-2, -3)), indices, False).squeeze(-2)
+            return cpu.per_choice(mlp, x, indices)
+        # Group the (token, expert) pairs by expert: each expert's weights are
+        # then read once for all its tokens.
+        batch_shape, k = indices.shape, indices.shape[-1]
+        flat = indices.flatten()  # [N*k]
+        order = mx.argsort(flat)
+        x = mx.expand_dims(x, (-2, -3)).flatten(0, -3)[order // k]  # [N*k, 1, D]
+        dense = flat.size >= DENSE_PREFILL_MIN_TOKENS * k and dense_prefill_enabled()
+        y = self._mlp(x, flat[order], True, dense)
+        return mx.unflatten(y[mx.argsort(order)], 0, batch_shape).squeeze(-2)
 
+    def _mlp(self, x: mx.array, indices: mx.array, do_sort: bool,
+             dense: bool = False) -> mx.array:
+        """down(silu(gate(x)) * up(x)) of each token's experts: [..., 1, D] -> [..., 1, D]."""
         def project(layer, h, rows=slice(None)):
             if dense and isinstance(layer, QuantizedSwitchLinear):
                 # Evaluating the input first makes each projection's float
@@ -113,10 +121,7 @@ class Experts(nn.Module):
             up = project(self.gate_up_proj, x, slice(half, None))
         else:
             gate, up = mx.split(project(self.gate_up_proj, x), 2, axis=-1)  # [..., 1, F] each
-        y = project(self.down_proj, swiglu(gate, up))  # [..., 1, D]
-        if do_sort:
-            y = mx.unflatten(y[mx.argsort(order)], 0, batch_shape)
-        return y.squeeze(-2)
+        return project(self.down_proj, swiglu(gate, up))  # [..., 1, D]
 
 
 @mx.compile

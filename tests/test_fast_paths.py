@@ -52,3 +52,24 @@ def test_dense_prefill_is_chosen_on_cuda_only(monkeypatch):
     monkeypatch.setattr(moe, "DENSE_PREFILL", "auto")
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     assert moe.dense_prefill_enabled() == on_cuda
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_cpu_streams_give_identical_logits(hf_checkpoint, mlx_lm_quantized, monkeypatch, bits):
+    """The LM head split by rows and the k experts one per CPU stream compute
+    each output exactly as one stream does."""
+    from mlx_hermes import cpu
+    from mlx_hermes.cache import make_cache
+
+    if len(cpu.streams()) < 2:
+        pytest.skip("needs a CPU with two or more cores")  # CI has 2
+    model, _ = mlx_hermes.load(hf_checkpoint if bits is None else mlx_lm_quantized(bits, 32))
+    outputs = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(cpu, "ENABLED", enabled)
+        cache = make_cache(model)
+        first = model(mx.array([prompt(12, seed=3)]), cache=cache)
+        steps = [model(mx.array([[t]]), cache=cache) for t in (5, 77, 901)]
+        outputs[enabled] = [np.array(first)] + [np.array(s) for s in steps]
+    for plain, split in zip(outputs[False], outputs[True]):
+        assert np.array_equal(plain, split)
