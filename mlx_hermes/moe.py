@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from . import cpu
+from . import cpu, cuda_qmv
 
 # Below this many (token, expert) pairs the gathered matmuls read each expert
 # once per token anyway; above it, grouping tokens by expert lets each
@@ -97,6 +97,10 @@ class Experts(nn.Module):
     def _mlp(self, x: mx.array, indices: mx.array, do_sort: bool,
              dense: bool = False) -> mx.array:
         """down(silu(gate(x)) * up(x)) of each token's experts: [..., 1, D] -> [..., 1, D]."""
+        if (not do_sort and "gate_up_proj" in self and cuda_qmv.usable(self.gate_up_proj, x)
+                and cuda_qmv.usable(self.down_proj, x)):
+            return self._decode_cuda(x, indices)
+
         def project(layer, h, rows=slice(None)):
             if dense and isinstance(layer, QuantizedSwitchLinear):
                 # Evaluating the input first makes each projection's float
@@ -122,6 +126,18 @@ class Experts(nn.Module):
         else:
             gate, up = mx.split(project(self.gate_up_proj, x), 2, axis=-1)  # [..., 1, F] each
         return project(self.down_proj, swiglu(gate, up))  # [..., 1, D]
+
+
+    def _decode_cuda(self, x: mx.array, indices: mx.array) -> mx.array:
+        """The same through cuda_qmv's kernel: x [..., 1, 1, D], indices [..., k] -> [..., k, 1, D]."""
+        D = x.shape[-1]
+        k = indices.shape[-1]
+        rows = mx.repeat(x.reshape(-1, D), k, axis=0)  # [T*k, D]: each token once per choice
+        idx = indices.flatten()  # [T*k]
+        gate, up = mx.split(cuda_qmv.gather_qmv(rows, self.gate_up_proj, idx), 2, axis=-1)
+        h = swiglu(gate.astype(x.dtype), up.astype(x.dtype))  # [T*k, F]
+        y = cuda_qmv.gather_qmv(h, self.down_proj, idx).astype(x.dtype)  # [T*k, D]
+        return y.reshape(*indices.shape, 1, D)
 
 
 @mx.compile

@@ -73,3 +73,26 @@ def test_cpu_streams_give_identical_logits(hf_checkpoint, mlx_lm_quantized, monk
         outputs[enabled] = [np.array(first)] + [np.array(s) for s in steps]
     for plain, split in zip(outputs[False], outputs[True]):
         assert np.array_equal(plain, split)
+
+
+@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+                    reason="a CUDA kernel: runs on the GPU machine")
+def test_cuda_decode_kernel_equals_gather_qmm(monkeypatch):
+    """mlx_hermes/cuda_qmv.py's kernel against MLX's own ops, bf16 4-bit, decode
+    and short prefill (both unsorted), on a small random model."""
+    from mlx_hermes import cuda_qmv
+    from mlx_hermes import profile as prof
+    from mlx_hermes.cache import make_cache
+
+    model = prof.synthetic_model("tiny", bits=4, group_size=32, dtype=mx.bfloat16)
+    layer = model.layers[0].block_sparse_moe.switch_mlp
+    x = mx.zeros((1, 1, 1, model.args.hidden_size), mx.bfloat16)
+    assert cuda_qmv.usable(layer.gate_up_proj, x)
+    outputs = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(cuda_qmv, "ENABLED", enabled)
+        cache = make_cache(model)
+        steps = [model(mx.array([prompt(5, seed=1)]), cache=cache)[:, -1]]
+        steps += [model(mx.array([[t]]), cache=cache)[:, -1] for t in (7, 300, 4000)]
+        outputs[enabled] = np.array(mx.stack(steps).astype(mx.float32))
+    assert_close(outputs[True], outputs[False], rel=3e-2)  # bf16 activations, float sums
