@@ -6,7 +6,7 @@ against MLX's `gather_qmm` for one decode token's MoE, 8x7B shapes.
 Checks the kernel against gather_qmm on random weights, then times the expert
 work of one token through all layers (gate+up, SwiGLU, down, for the 2 chosen
 experts) both ways and prints a table, the GB/s each reaches, and JSON.
-CUDA only: it is a prototype for mlx_hermes/moe.py's decode path.
+CUDA only; the kernel is mlx_hermes/cuda_qmv.py's.
 """
 
 from __future__ import annotations
@@ -14,87 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import mlx.core as mx
 
-SOURCE = r"""
-    constexpr int KU4 = K / 32;       // 16-byte words (32 four-bit values) per row
-    constexpr int G = K / GS;         // scale groups per row
-    const int lane = threadIdx.x & 31;
-    const long warp = (long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-    const long row0 = warp * R;
-    if (row0 >= long(NC) * N) return;
-    const int c = int(row0 / N);
-    const long n0 = row0 % N;
-    const long e = long(idx[c]);
-    const uint4* wrow = reinterpret_cast<const uint4*>(w) + (e * N + n0) * KU4;
-    const __nv_bfloat16* srow = scales + (e * N + n0) * G;
-    const __nv_bfloat16* brow = biases + (e * N + n0) * G;
-    const uint4* xrow = reinterpret_cast<const uint4*>(x + long(c) * K);
-    float acc[R];
-    #pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = 0.f;
-    for (int u = lane; u < KU4; u += 32) {
-        float xf[32];
-        float xs = 0.f;
-        #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            uint4 v = xrow[u * 4 + i];
-            const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
-            #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float2 f = __bfloat1622float2(p[j]);
-                xf[i * 8 + 2 * j] = f.x;
-                xf[i * 8 + 2 * j + 1] = f.y;
-                xs += f.x + f.y;
-            }
-        }
-        const int g = (u * 32) / GS;
-        uint4 qv[R];  // all R rows' words in flight before any arithmetic
-        #pragma unroll
-        for (int r = 0; r < R; r++) qv[r] = wrow[r * KU4 + u];
-        #pragma unroll
-        for (int r = 0; r < R; r++) {
-            uint4 q = qv[r];
-            unsigned int qs[4] = {q.x, q.y, q.z, q.w};
-            float d = 0.f;
-            #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                #pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    d += float((qs[i] >> (4 * j)) & 0xFu) * xf[i * 8 + j];
-                }
-            }
-            acc[r] += __bfloat162float(srow[r * G + g]) * d + __bfloat162float(brow[r * G + g]) * xs;
-        }
-    }
-    #pragma unroll
-    for (int r = 0; r < R; r++) {
-        float v = acc[r];
-        #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) y[row0 + r] = v;
-    }
-"""
-
-_kernel = None
-ROWS, BLOCK = 4, 128  # rows per warp, threads per block
+from mlx_hermes import cuda_qmv
 
 
-def gather_qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
-               idx: mx.array, group_size: int) -> mx.array:
-    """y[c] = dequantize(w[idx[c]]) @ x[c] for 4-bit w: x [C, K] bf16 -> [C, N] float32."""
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="hermes_gather_qmv4", input_names=["x", "w", "scales",
-                                      "biases", "idx"], output_names=["y"], source=SOURCE)
-    C, K = x.shape
-    N = w.shape[1]
-    threads = C * N // ROWS * 32
-    return _kernel(inputs=[x, w, scales, biases, idx.astype(mx.uint32)],
-                   template=[("N", N), ("K", K), ("GS", group_size), ("NC", C), ("R", ROWS)],
-                   grid=(threads, 1, 1), threadgroup=(BLOCK, 1, 1),
-                   output_shapes=[(C, N)], output_dtypes=[mx.float32])[0]
+def gather_qmv(x, w, scales, biases, idx, group_size):
+    layer = SimpleNamespace(weight=w, scales=scales, biases=biases, group_size=group_size)
+    return cuda_qmv.gather_qmv(x, layer, idx)
 
 
 def random_experts(E: int, N: int, K: int, gs: int) -> tuple:
@@ -156,14 +85,13 @@ def main() -> None:
             y = (o.sum(axis=0, keepdims=True) * 0.01).astype(mx.bfloat16)
         mx.eval(y)
 
-    global ROWS, BLOCK
     results = {}
     variants = [("gather_qmm", None)] + [(f"kernel R{r} B{b}", (r, b)) for r, b in
                                           ((4, 128), (8, 128), (2, 128), (4, 256), (8, 256))]
     for _ in range(2):
         for name, v in variants:
             if v:
-                ROWS, BLOCK = v
+                cuda_qmv.ROWS, cuda_qmv.BLOCK = v
             path = "kernel" if v else "gather_qmm"
             token(path)
             start = time.perf_counter()
