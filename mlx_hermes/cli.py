@@ -101,14 +101,19 @@ def _rank_prefix() -> str:
     return f"rank {os.environ['MLX_RANK']}: " if _launched() else ""
 
 
+def _rank0() -> bool:
+    """Alone, or rank 0 under mlx.launch: the process that talks to the user."""
+    return os.environ.get("MLX_RANK", "0") == "0"
+
+
 def _info(message: str) -> None:
     """A status line on stderr, from rank 0 only when launched on several."""
-    if os.environ.get("MLX_RANK", "0") == "0":
+    if _rank0():
         click.echo(message, err=True)
 
 
 def _prefill_progress(done: int, total: int) -> None:
-    if total > 2048 and os.environ.get("MLX_RANK", "0") == "0":  # long prompts, rank 0
+    if total > 2048 and _rank0():  # only prompts long enough to take a while
         click.echo(f"\rprefill {done}/{total} tokens", err=True, nl=done == total)
 
 

@@ -37,11 +37,6 @@ def world() -> Optional[mx.distributed.Group]:
     return group if group.size() > 1 else None
 
 
-def rank() -> int:
-    group = world()
-    return group.rank() if group is not None else 0
-
-
 def check_split(args: ModelArgs, n: int, group_sizes: Optional[dict] = None) -> None:
     """Refuse a split that does not divide evenly, before any weight is read.
 
