@@ -38,15 +38,15 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--results", type=Path, default=None, help="append the table here")
     ap.add_argument("--no-levers", action="store_true",
-                    help="baseline: gate/up not fused, no dense prefill (for before/after)")
-    ap.add_argument("--cuda-kernel", action="store_true",
-                    help="decode the experts with mlx_hermes/cuda_qmv.py's kernel (off by default)")
+                    help="baseline: gate/up not fused, no dense prefill, no CUDA kernels (before/after)")
+    ap.add_argument("--no-cuda-kernels", action="store_true",
+                    help="decode the experts with MLX's ops, not mlx_hermes/cuda_qmv.py's kernels")
     args = ap.parse_args()
     from mlx_hermes import cuda_qmv, moe
 
     if args.no_levers:
         moe.DENSE_PREFILL = False
-    cuda_qmv.ENABLED = args.cuda_kernel and not args.no_levers
+    cuda_qmv.ENABLED = not (args.no_cuda_kernels or args.no_levers)
 
     chip = detect()
     if not chip.name.startswith("Apple"):
@@ -88,7 +88,7 @@ def main() -> None:
     if args.results:
         note = " (extrapolated from fewer layers)" if args.layers else ""
         note += "; baseline, levers off" if args.no_levers else ""
-        note += "; with the CUDA decode kernel" if args.cuda_kernel else ""
+        note += "; CUDA decode kernels off" if args.no_cuda_kernels else ""
         entry = (f"\n## Speed matrix: `python benchmarks/profile_matrix.py {' '.join(sys.argv[1:])}`"
                  f"\n\n- Machine: {chip.name}, MLX {mx.__version__} ({mx.default_device()}); "
                  f"peak bandwidth {chip.peak_gbs:.0f} GB/s{note}.\n"

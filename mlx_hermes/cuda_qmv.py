@@ -1,19 +1,22 @@
-"""A CUDA fast path for decoding: the chosen experts' 4-bit matrix-vector
-products in one kernel (`mx.fast.cuda_kernel`).
+"""A CUDA fast path for decoding: a MoE block's expert work in two kernels
+(`mx.fast.cuda_kernel`) instead of ~10 MLX ops.
 
-MLX's batch-1 `gather_qmm` streams ~640 GB/s of expert weights on an H100;
-this kernel ~1.1 TB/s (benchmarks/moe_decode_kernel.py): each warp takes a
-few rows, each lane 16-byte words of 32 four-bit values, dequantizing as
-scale * (q . x) + bias * sum(x) with float accumulation. It applies on CUDA
-only, to bf16 activations and 4-bit affine weights; everywhere else (Metal,
-CPU, other formats) MLX's own ops run, and the kernel is tested against them
-on the GPU machine.
+1. gate_up_swiglu: each chosen expert's gate and up rows against the token,
+   SwiGLU applied in registers: h = silu(x W_gate) * (x W_up), bf16 [T*k, F].
+2. down_combine: each token's k experts' down rows against their h, weighted
+   by the router and summed in registers: y [T, D].
 
-It is OFF by default: in the whole decode loop it measured slower, not faster
-(H100, 8x7B 4-bit: 70.6 tok/s with it, 85.5 without; benchmarks/RESULTS.md),
-although it is 1.7x faster on the experts alone. Not yet explained; a guess
-to test first is that a custom kernel breaks up MLX's batching of the other
-kernels of the step. Set ENABLED = True to use it on CUDA.
+Each warp takes a few output rows, each lane 16-byte words of 32 four-bit
+codes, dequantizing as scale * (q . x) + bias * sum(x) with float sums. MLX's
+batch-1 `gather_qmm` streams ~640 GB/s of expert weights on an H100; a
+kernel of this kind ~1.1 TB/s (benchmarks/moe_decode_kernel.py). Decode is
+also bound by host work per op (benchmarks/decode_overhead.py), which the
+fusion cuts.
+
+It applies on CUDA only, to bf16 activations and 4-bit affine experts with
+gate and up fused (moe.Experts.fuse); everywhere else (Metal, CPU, other
+formats, prefill) MLX's own ops run, and the kernels are tested against them
+on the GPU machine (tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
@@ -21,96 +24,177 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-ENABLED = False  # True: use it on CUDA wherever it applies
+ENABLED = True  # False: MLX's own ops everywhere (benchmarks, tests compare both)
 ROWS, BLOCK = 2, 128  # rows per warp, threads per block: the fastest measured on an H100
 
-SOURCE = r"""
-    constexpr int KU4 = K / 32;       // 16-byte words (32 four-bit values) per row
-    constexpr int G = K / GS;         // scale groups per row
-    const int lane = threadIdx.x & 31;
-    const long warp = (long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-    const long row0 = warp * R;
-    if (row0 >= long(NC) * N) return;
-    const int c = int(row0 / N);
-    const long n0 = row0 % N;
-    const long e = long(idx[c]);
-    const uint4* wrow = reinterpret_cast<const uint4*>(w) + (e * N + n0) * KU4;
-    const __nv_bfloat16* srow = scales + (e * N + n0) * G;
-    const __nv_bfloat16* brow = biases + (e * N + n0) * G;
-    const uint4* xrow = reinterpret_cast<const uint4*>(x + long(c) * K);
-    float acc[R];
+HEADER = r"""
+// 32 activations of bf16 (four 16-byte words at word u) into floats; returns their sum
+__device__ __forceinline__ float load32(const __nv_bfloat16* x, int u, float* xf) {
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    float xs = 0.f;
     #pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    for (int i = 0; i < 4; i++) {
+        uint4 v = xr[u * 4 + i];
+        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float2 f = __bfloat1622float2(p[j]);
+            xf[i * 8 + 2 * j] = f.x;
+            xf[i * 8 + 2 * j + 1] = f.y;
+            xs += f.x + f.y;
+        }
+    }
+    return xs;
+}
+
+// the 32 four-bit codes of one 16-byte word against 32 activations
+__device__ __forceinline__ float dot32(uint4 q, const float* xf) {
+    unsigned int qs[4] = {q.x, q.y, q.z, q.w};
+    float d = 0.f;
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        #pragma unroll
+        for (int j = 0; j < 8; j++) d += float((qs[i] >> (4 * j)) & 0xFu) * xf[i * 8 + j];
+    }
+    return d;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    #pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+"""
+
+# x [T, K], w [E, 2F, K/8] (gate rows, then up rows), idx [T*KC] -> h [T*KC, F]
+GATE_UP_SWIGLU = r"""
+    constexpr int KU4 = K / 32;  // 16-byte words (32 four-bit codes) per row
+    constexpr int G = K / GS;    // scale groups per row
+    const int lane = threadIdx.x & 31;
+    const long row0 = ((long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * R;
+    if (row0 >= long(NC) * F) return;
+    const int c = int(row0 / F);
+    const long n0 = row0 % F;
+    const long gate = long(idx[c]) * 2 * F + n0;  // first row of each half
+    const long up = gate + F;
+    const __nv_bfloat16* xrow = x + long(c / KC) * K;
+    float ag[R], au[R];
+    #pragma unroll
+    for (int r = 0; r < R; r++) ag[r] = au[r] = 0.f;
     for (int u = lane; u < KU4; u += 32) {
         float xf[32];
-        float xs = 0.f;
-        #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            uint4 v = xrow[u * 4 + i];
-            const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
-            #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float2 f = __bfloat1622float2(p[j]);
-                xf[i * 8 + 2 * j] = f.x;
-                xf[i * 8 + 2 * j + 1] = f.y;
-                xs += f.x + f.y;
-            }
-        }
+        const float xs = load32(xrow, u, xf);
         const int g = (u * 32) / GS;
-        uint4 qv[R];  // all R rows' words in flight before any arithmetic
-        #pragma unroll
-        for (int r = 0; r < R; r++) qv[r] = wrow[r * KU4 + u];
+        uint4 qg[R], qu[R];  // every row's word in flight before any arithmetic
         #pragma unroll
         for (int r = 0; r < R; r++) {
-            uint4 q = qv[r];
-            unsigned int qs[4] = {q.x, q.y, q.z, q.w};
-            float d = 0.f;
-            #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                #pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    d += float((qs[i] >> (4 * j)) & 0xFu) * xf[i * 8 + j];
-                }
-            }
-            acc[r] += __bfloat162float(srow[r * G + g]) * d + __bfloat162float(brow[r * G + g]) * xs;
+            qg[r] = reinterpret_cast<const uint4*>(w)[(gate + r) * KU4 + u];
+            qu[r] = reinterpret_cast<const uint4*>(w)[(up + r) * KU4 + u];
+        }
+        #pragma unroll
+        for (int r = 0; r < R; r++) {
+            ag[r] += __bfloat162float(scales[(gate + r) * G + g]) * dot32(qg[r], xf)
+                   + __bfloat162float(biases[(gate + r) * G + g]) * xs;
+            au[r] += __bfloat162float(scales[(up + r) * G + g]) * dot32(qu[r], xf)
+                   + __bfloat162float(biases[(up + r) * G + g]) * xs;
         }
     }
     #pragma unroll
     for (int r = 0; r < R; r++) {
-        float v = acc[r];
-        #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) y[row0 + r] = v;
+        const float vg = warp_sum(ag[r]);
+        const float vu = warp_sum(au[r]);
+        if (lane == 0) h[row0 + r] = __float2bfloat16(vg / (1.f + __expf(-vg)) * vu);
     }
 """
 
-_kernel = None
+# h [T*KC, K], w [E, D, K/8], idx and weights [T*KC] -> y [T, D]
+DOWN_COMBINE = r"""
+    constexpr int KU4 = K / 32;
+    constexpr int G = K / GS;
+    const int lane = threadIdx.x & 31;
+    const long row0 = ((long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * R;
+    if (row0 >= long(NT) * D) return;
+    const int t = int(row0 / D);
+    const long d0 = row0 % D;
+    float out[R];
+    #pragma unroll
+    for (int r = 0; r < R; r++) out[r] = 0.f;
+    for (int j = 0; j < KC; j++) {
+        const int c = t * KC + j;
+        const long row = long(idx[c]) * D + d0;
+        const float wt = static_cast<float>(weights[c]);
+        for (int u = lane; u < KU4; u += 32) {
+            float xf[32];
+            const float xs = load32(h + long(c) * K, u, xf);
+            const int g = (u * 32) / GS;
+            uint4 q[R];
+            #pragma unroll
+            for (int r = 0; r < R; r++) {
+                q[r] = reinterpret_cast<const uint4*>(w)[(row + r) * KU4 + u];
+            }
+            #pragma unroll
+            for (int r = 0; r < R; r++) {
+                out[r] += wt * (__bfloat162float(scales[(row + r) * G + g]) * dot32(q[r], xf)
+                              + __bfloat162float(biases[(row + r) * G + g]) * xs);
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < R; r++) {
+        const float v = warp_sum(out[r]);
+        if (lane == 0) y[row0 + r] = __float2bfloat16(v);
+    }
+"""
+
+_kernels: dict = {}
 
 
-def usable(layer, x: mx.array) -> bool:
-    """Whether `layer` (stacked experts) can take the kernel for input `x`."""
-    if not ENABLED or not _on_cuda():
+def _kernel(name: str, inputs: list[str], output: str, source: str):
+    if name not in _kernels:
+        _kernels[name] = mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=[output],
+                                             source=source, header=HEADER)
+    return _kernels[name]
+
+
+def usable(experts, x: mx.array) -> bool:
+    """Whether `experts` (moe.Experts) can decode `x` [..., D] through the kernels."""
+    if not ENABLED or not _on_cuda() or "gate_up_proj" not in experts:
         return False
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    return (x.dtype == mx.bfloat16 and _four_bit(gate_up) and _four_bit(down)
+            and gate_up.weight.shape[-2] // 2 % ROWS == 0 and down.weight.shape[-2] % ROWS == 0
+            and x.shape[-1] % 32 == 0 and down.weight.shape[-1] * 8 % 32 == 0)
+
+
+def moe(x: mx.array, experts, indices: mx.array, weights: mx.array) -> mx.array:
+    """sum_j weights[..., j] * expert_{indices[..., j]}(x): x [..., D] -> [..., D]."""
+    D = x.shape[-1]
+    k = indices.shape[-1]
+    T = x.size // D
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    F = gate_up.weight.shape[-2] // 2
+    idx = indices.flatten().astype(mx.uint32)  # [T*k]
+    h = _kernel("hermes_gate_up_swiglu", ["x", "w", "scales", "biases", "idx"], "h",
+                GATE_UP_SWIGLU)(
+        inputs=[x.reshape(T, D), gate_up.weight, gate_up.scales, gate_up.biases, idx],
+        template=[("F", F), ("K", D), ("GS", gate_up.group_size), ("NC", T * k), ("KC", k),
+                  ("R", ROWS)],
+        grid=(T * k * F // ROWS * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+        output_shapes=[(T * k, F)], output_dtypes=[mx.bfloat16])[0]
+    y = _kernel("hermes_down_combine", ["h", "w", "scales", "biases", "idx", "weights"], "y",
+                DOWN_COMBINE)(
+        inputs=[h, down.weight, down.scales, down.biases, idx, weights.flatten()],
+        template=[("D", D), ("K", F), ("GS", down.group_size), ("NT", T), ("KC", k),
+                  ("R", ROWS)],
+        grid=(T * D // ROWS * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+        output_shapes=[(T, D)], output_dtypes=[mx.bfloat16])[0]
+    return y.reshape(x.shape)
+
+
+def _four_bit(layer) -> bool:
     return (isinstance(layer, QuantizedSwitchLinear) and layer.bits == 4
             and getattr(layer, "mode", "affine") == "affine" and layer.group_size in (32, 64, 128)
-            and x.dtype == mx.bfloat16 and layer.scales.dtype == mx.bfloat16
-            and x.shape[-1] % 32 == 0 and layer.weight.shape[-2] % ROWS == 0)
-
-
-def gather_qmv(x: mx.array, layer, idx: mx.array) -> mx.array:
-    """y[c] = dequantize(layer's expert idx[c]) @ x[c]: x [C, K] bf16 -> [C, N] float32."""
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="hermes_gather_qmv4",
-                                      input_names=["x", "w", "scales", "biases", "idx"],
-                                      output_names=["y"], source=SOURCE)
-    C, K = x.shape
-    N = layer.weight.shape[-2]
-    return _kernel(inputs=[x, layer.weight, layer.scales, layer.biases, idx.astype(mx.uint32)],
-                   template=[("N", N), ("K", K), ("GS", layer.group_size), ("NC", C),
-                             ("R", ROWS)],
-                   grid=(C * N // ROWS * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
-                   output_shapes=[(C, N)], output_dtypes=[mx.float32])[0]
+            and layer.scales.dtype == mx.bfloat16)
 
 
 def _on_cuda() -> bool:

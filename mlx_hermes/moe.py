@@ -97,10 +97,6 @@ class Experts(nn.Module):
     def _mlp(self, x: mx.array, indices: mx.array, do_sort: bool,
              dense: bool = False) -> mx.array:
         """down(silu(gate(x)) * up(x)) of each token's experts: [..., 1, D] -> [..., 1, D]."""
-        if (not do_sort and "gate_up_proj" in self and cuda_qmv.usable(self.gate_up_proj, x)
-                and cuda_qmv.usable(self.down_proj, x)):
-            return self._decode_cuda(x, indices)
-
         def project(layer, h, rows=slice(None)):
             if dense and isinstance(layer, QuantizedSwitchLinear):
                 # Evaluating the input first makes each projection's float
@@ -128,18 +124,6 @@ class Experts(nn.Module):
         return project(self.down_proj, swiglu(gate, up))  # [..., 1, D]
 
 
-    def _decode_cuda(self, x: mx.array, indices: mx.array) -> mx.array:
-        """The same through cuda_qmv's kernel: x [..., 1, 1, D], indices [..., k] -> [..., k, 1, D]."""
-        D = x.shape[-1]
-        k = indices.shape[-1]
-        rows = mx.repeat(x.reshape(-1, D), k, axis=0)  # [T*k, D]: each token once per choice
-        idx = indices.flatten()  # [T*k]
-        gate, up = mx.split(cuda_qmv.gather_qmv(rows, self.gate_up_proj, idx), 2, axis=-1)
-        h = swiglu(gate.astype(x.dtype), up.astype(x.dtype))  # [T*k, F]
-        y = cuda_qmv.gather_qmv(h, self.down_proj, idx).astype(x.dtype)  # [T*k, D]
-        return y.reshape(*indices.shape, 1, D)
-
-
 @mx.compile
 def _route(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     probs = mx.softmax(logits.astype(mx.float32), axis=-1)  # [..., E]
@@ -164,8 +148,11 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = self.route(x)
-        y = self.switch_mlp(x, indices)  # [B, L, k, D]
-        y = (y * weights[..., None]).sum(axis=-2)  # [B, L, D]
+        if indices.size < SORT_THRESHOLD and cuda_qmv.usable(self.switch_mlp, x):
+            y = cuda_qmv.moe(x, self.switch_mlp, indices, weights)  # [B, L, D]
+        else:
+            y = self.switch_mlp(x, indices)  # [B, L, k, D]
+            y = (y * weights[..., None]).sum(axis=-2)  # [B, L, D]
         if self.group is not None:
             y = mx.distributed.all_sum(y, group=self.group)
         return y

@@ -78,16 +78,15 @@ def test_cpu_streams_give_identical_logits(hf_checkpoint, mlx_lm_quantized, monk
 @pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
                     reason="a CUDA kernel: runs on the GPU machine")
 def test_cuda_decode_kernel_equals_gather_qmm(monkeypatch):
-    """mlx_hermes/cuda_qmv.py's kernel against MLX's own ops, bf16 4-bit, decode
-    and short prefill (both unsorted), on a small random model."""
+    """mlx_hermes/cuda_qmv.py's kernels against MLX's own ops, bf16 4-bit,
+    decode and a short prefill, on a small random model."""
     from mlx_hermes import cuda_qmv
     from mlx_hermes import profile as prof
     from mlx_hermes.cache import make_cache
 
     model = prof.synthetic_model("tiny", bits=4, group_size=32, dtype=mx.bfloat16)
     layer = model.layers[0].block_sparse_moe.switch_mlp
-    x = mx.zeros((1, 1, 1, model.args.hidden_size), mx.bfloat16)
-    assert cuda_qmv.usable(layer.gate_up_proj, x)
+    assert cuda_qmv.usable(layer, mx.zeros((1, 1, model.args.hidden_size), mx.bfloat16))
     outputs = {}
     for enabled in (False, True):
         monkeypatch.setattr(cuda_qmv, "ENABLED", enabled)
