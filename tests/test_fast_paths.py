@@ -36,14 +36,18 @@ def test_fused_gate_up_equals_separate_projections(hf_checkpoint, mlx_lm_quantiz
         assert_close(np.array(model(tokens)), np.array(plain(tokens)), rel=1e-5)
 
 
-@pytest.mark.parametrize("bits", [None, 4])
-def test_dense_prefill_equals_gather_qmm(hf_checkpoint, mlx_lm_quantized, monkeypatch, bits):
-    # float experts have nothing to dequantize and must take their usual path
+@pytest.mark.parametrize("bits,chunk", [(None, None), (4, None), (4, 3000)])
+def test_dense_prefill_equals_gather_qmm(hf_checkpoint, mlx_lm_quantized, monkeypatch, bits,
+                                         chunk):
+    # float experts have nothing to dequantize and must take their usual path;
+    # chunk: a few rows of float experts at a time, as the full-size model does
     model, _ = mlx_hermes.load(hf_checkpoint if bits is None else mlx_lm_quantized(bits, 32))
     tokens = mx.array([prompt(moe.DENSE_PREFILL_MIN_TOKENS + 16, seed=11)])
     monkeypatch.setattr(moe, "DENSE_PREFILL", False)
     portable = np.array(model(tokens))
     monkeypatch.setattr(moe, "DENSE_PREFILL", True)
+    if chunk:
+        monkeypatch.setattr(moe, "DENSE_CHUNK_BYTES", chunk)
     dense = np.array(model(tokens))
     assert_close(dense, portable, rel=1e-4)
 
