@@ -27,8 +27,10 @@ SORT_THRESHOLD = 64
 DENSE_PREFILL = "auto"
 DENSE_PREFILL_MIN_TOKENS = 64
 # Float experts made at once in a dense prefill: a slice of a projection's
-# rows across all experts. Smaller costs more host syncs; larger, peak memory.
-DENSE_CHUNK_BYTES = 256 * 2**20
+# rows across all experts. 1 GiB holds one 8x7B projection (gate, up or down:
+# 0.94 GB) whole; 256 MiB slices cost 30% of prefill speed in host syncs
+# (H100, 512 tokens: 910 against 1276 tok/s) for no lower peak than mlx-lm's.
+DENSE_CHUNK_BYTES = 2**30
 
 
 def dense_prefill_enabled() -> bool:
