@@ -101,13 +101,15 @@ class Experts(nn.Module):
         del self.gate_proj, self.up_proj
 
     def unfused_parameters(self) -> dict:
-        """Parameters in the checkpoint's layout (gate_proj, up_proj, down_proj)."""
+        """Parameters in the checkpoint's layout (gate_proj, up_proj, down_proj).
+        The halves are copies: strided views of the fused tensor are not taken
+        by every backend's gathered matmuls (CUDA's gather_qmm refuses them)."""
         params = dict(self.parameters())
         if "gate_up_proj" in params:
             fused = params.pop("gate_up_proj")
             half = fused["weight"].shape[-2] // 2
-            params["gate_proj"] = {k: v[..., :half, :] for k, v in fused.items()}
-            params["up_proj"] = {k: v[..., half:, :] for k, v in fused.items()}
+            params["gate_proj"] = {k: mx.contiguous(v[..., :half, :]) for k, v in fused.items()}
+            params["up_proj"] = {k: mx.contiguous(v[..., half:, :]) for k, v in fused.items()}
         return params
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:

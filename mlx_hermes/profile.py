@@ -253,9 +253,7 @@ def mlx_lm_twin(model: Model, dtype: mx.Dtype) -> nn.Module:
 
     twin = mixtral.Model(mixtral.ModelArgs.from_dict({**vars(model.args),
                                                       "model_type": "mixtral"}))
-    # contiguous: the halves of a fused gate/up are strided views, which
-    # MLX's CUDA gather_qmm does not take
-    weights = {k: mx.contiguous(v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in tree_flatten(model.checkpoint_parameters())}
     quantize_like(twin, weights, {})
     twin.load_weights(list(weights.items()))

@@ -8,6 +8,12 @@ MQA, an explicit head_dim, 4 to 8 experts.
 
 from __future__ import annotations
 
+import os
+
+# Float32 references are compared in full float32: MLX's CUDA build would
+# otherwise run float32 matmuls as TF32 (~1e-3 relative), as it may on M5 GPUs.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
 import shutil
 from pathlib import Path
 

@@ -31,7 +31,8 @@ def test_version_and_help():
 
 def test_runs_from_a_source_checkout_without_install(tmp_path):
     # As on the GPU machine: PYTHONPATH=<checkout>, `python -m mlx_hermes`.
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "mlx_hermes", "--version"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

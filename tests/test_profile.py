@@ -99,7 +99,9 @@ def test_fewer_layers_extrapolate_to_the_full_model(tiny_bf16):
                  "--trials", 1, "--json")
     out = json.loads(result.stdout)
     assert out["extrapolated"] and out["model_layers"] == 1 and out["full_layers"] == 2
-    full = prof.bytes_per_token(prof.synthetic_model("tiny", dtype=mx.float32))
+    # the CLI's dtype: float32 on the CPU, bf16 on a GPU
+    dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    full = prof.bytes_per_token(prof.synthetic_model("tiny", dtype=dtype))
     assert out["bytes_per_token"] == full
     table = run("--synthetic", "tiny", "--layers", 1, "--prompt-tokens", 8, "--gen-tokens", 3,
                 "--trials", 1)

@@ -1,0 +1,89 @@
+"""MLX's gathered matmuls on the tiny shapes the tests use, against numpy.
+
+    python benchmarks/cuda_tiny_shapes.py
+
+Some model tests fail on MLX's CUDA build and pass on the CPU; this finds
+which op, dtype, weight layout and dispatch (sorted or not) is wrong, with
+no model code involved: each case is one `mx.gather_mm` / `mx.gather_qmm`
+on random data, its relative max error against a float64 numpy reference.
+Prints every case and the failing ones as JSON.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import mlx.core as mx
+import numpy as np
+
+
+def case(D, F, E, n, dtype, quant, layout, sort, rng):
+    k = 2
+    w = mx.array(rng.normal(size=(E, 2 * F, D)).astype(np.float32) * 0.2)
+    if quant:
+        wq, s, b = mx.quantize(w, group_size=quant, bits=4)
+        s, b = s.astype(dtype), b.astype(dtype)
+        w = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=quant,
+                          bits=4)  # the values computed with
+    rows = slice(0, F) if layout != "fused" else slice(None)
+    ref_w = np.array(w.astype(mx.float32), dtype=np.float64)[:, rows]
+
+    def weights(a):  # the gate half as a strided view, or copied, or the fused whole
+        a = a[:, rows]
+        return mx.contiguous(a) if layout == "half copied" else a
+
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    idx = rng.integers(0, E, size=(n, k)).astype(np.uint32)
+    xd = mx.array(x).astype(dtype)
+    ref_x = np.array(xd.astype(mx.float32), dtype=np.float64)
+    ref = np.einsum("nd,nkfd->nkf", ref_x, ref_w[idx])  # [n, k, out]
+    if sort:
+        flat = idx.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        lhs = mx.array(np.repeat(x, k, axis=0)[order][:, None, :]).astype(dtype)  # [n*k, 1, D]
+        ri = mx.array(flat[order])
+    else:
+        lhs = mx.expand_dims(xd, (-2, -3))  # [n, 1, 1, D]
+        ri = mx.array(idx)
+    try:
+        if quant:
+            out = mx.gather_qmm(lhs, weights(wq), weights(s), weights(b), rhs_indices=ri,
+                                transpose=True, group_size=quant, bits=4, sorted_indices=sort)
+        else:
+            out = mx.gather_mm(lhs, weights(w.astype(dtype)).swapaxes(-1, -2), rhs_indices=ri,
+                               sorted_indices=sort)
+        out = np.array(out.astype(mx.float32), dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - a missing kernel is a result here
+        return str(e).split(":")[0] + ": " + str(e).split(":")[1][:40]
+    if sort:
+        got = np.empty_like(ref).reshape(n * k, -1)
+        got[order] = out.reshape(n * k, -1)
+        out = got.reshape(ref.shape)
+    return float(np.abs(out.reshape(ref.shape) - ref).max() / np.abs(ref).max())
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    results, bad = [], []
+    for (D, F, E), n, dtype, quant, layout, sort in itertools.product(
+            [(64, 96, 4), (64, 128, 8)], [5, 40], [mx.float32, mx.bfloat16], [None, 32, 64],
+            ["fused", "half view", "half copied"], [False, True]):
+        if quant and F % quant:
+            continue
+        err = case(D, F, E, n, dtype, quant, layout, sort, rng)
+        tol = 5e-2 if dtype == mx.bfloat16 else 2e-3  # bf16 sums; float32 may run as TF32: both far below a wrong result
+        row = {"D": D, "F": F, "E": E, "tokens": n, "dtype": str(dtype).split(".")[-1],
+               "weights": f"q4 g{quant}" if quant else "float", "layout": layout,
+               "sorted": sort, "rel_err": err}
+        results.append(row)
+        ok = isinstance(err, float) and err < tol
+        if not ok:
+            print("FAIL " + " ".join(f"{k}={v}" for k, v in row.items()))
+            bad.append(row)
+    print(f"{len(bad)} of {len(results)} cases wrong or missing")
+    print(json.dumps({"device": str(mx.default_device()), "failing": bad}))
+
+
+if __name__ == "__main__":
+    main()
