@@ -28,8 +28,8 @@ DENSE_PREFILL = "auto"
 DENSE_PREFILL_MIN_TOKENS = 64
 # Float experts made at once in a dense prefill: a slice of a projection's
 # rows across all experts. 1 GiB holds one 8x7B projection (gate, up or down:
-# 0.94 GB) whole; 256 MiB slices cost 30% of prefill speed in host syncs
-# (H100, 512 tokens: 910 against 1276 tok/s) for no lower peak than mlx-lm's.
+# 0.94 GB) whole: peak 1.049x mlx-lm's (H100, 512 tokens). 256 MiB slices
+# give 0.995x but cost 30% of prefill speed in host syncs (910 vs 1276 tok/s).
 DENSE_CHUNK_BYTES = 2**30
 
 
