@@ -6,7 +6,9 @@ without mlx_hermes/cuda_qmv.py's kernels, and mlx-lm, on the same weights.
 
 Run it under different MLX settings to see how MLX's CUDA graphs interact
 with each path, e.g. `MLX_USE_CUDA_GRAPHS=0` or `MLX_MAX_OPS_PER_BUFFER=200`
-(read once per process, so one setting per run). Prints a table and JSON.
+(read once per process, so one setting per run). Prints a table and JSON;
+"ops/step" counts the MLX primitives of one step (on a CPU it includes the
+fallbacks of MLX's fast ops, so compare counts on a GPU).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mlx_hermes import cuda_qmv  # noqa: E402
 from mlx_hermes import profile as prof  # noqa: E402
 from mlx_hermes.cache import make_cache  # noqa: E402
+
+
+def ops_per_step(model, prompt: list[int]) -> int:
+    """MLX primitives in one decode step's graph (what the host builds and
+    dispatches each token), counted from MLX's DOT export."""
+    cache = make_cache(model)
+    mx.eval(model(mx.array([prompt]), cache=cache))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "step.dot"
+        mx.export_to_dot(str(path), model(mx.array([[7]]), cache=cache))
+        return path.read_text().count("shape=rectangle")
 
 
 def step_times(model, prompt: list[int], steps: int = 12) -> dict:
@@ -87,14 +101,15 @@ def main() -> None:
                 prof.time_generation(m, prompt, a.gen_tokens, make_cache(model))["decode_tps"])
     for name in paths:
         rows[name] = {"decode_tps": statistics.median(rows[name]["decode_tps"]),
-                      **step_times(use(name), prompt)}
+                      **step_times(use(name), prompt), "ops": ops_per_step(use(name), prompt)}
     cuda_qmv.ENABLED = True
 
     print(f"MLX settings: {settings or 'defaults'}")
-    print(f"{'path':<27} {'decode tok/s':>12} {'build ms':>9} {'dispatch ms':>11} {'step ms':>8}")
+    print(f"{'path':<27} {'decode tok/s':>12} {'build ms':>9} {'dispatch ms':>11} {'step ms':>8}"
+          f" {'ops/step':>8}")
     for name, r in rows.items():
         print(f"{name:<27} {r['decode_tps']:>12.1f} {r['build_ms']:>9.2f} "
-              f"{r['dispatch_ms']:>11.2f} {r['step_ms']:>8.2f}")
+              f"{r['dispatch_ms']:>11.2f} {r['step_ms']:>8.2f} {r['ops']:>8}")
     print(json.dumps({"settings": settings, "layers": a.layers or 32, "rows": rows,
                       "device": mx.device_info().get("device_name")}))
 
