@@ -6,6 +6,9 @@
 2. down_combine: each token's k experts' down rows against their h, weighted
    by the router and summed in registers: y [T, D].
 
+Both read the router's logits and pick each token's top k themselves, so the
+routing's ops (softmax, top k, renormalising) do not run on this path.
+
 Each warp takes a few output rows, each lane 16-byte words of 32 four-bit
 codes, dequantizing as scale * (q . x) + bias * sum(x) with float sums. MLX's
 batch-1 `gather_qmm` streams ~640 GB/s of expert weights on an H100; a
@@ -25,7 +28,9 @@ import mlx.core as mx
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 ENABLED = True  # False: MLX's own ops everywhere (benchmarks, tests compare both)
-ROWS, BLOCK = 2, 128  # rows per warp, threads per block: the fastest measured on an H100
+# Output rows per warp of each kernel, threads per block: the fastest measured
+# on an H100 (benchmarks/moe_decode_kernel.py --sweep).
+GATE_UP_ROWS, DOWN_ROWS, BLOCK = 2, 2, 128
 
 HEADER = r"""
 // 32 activations of bf16 (four 16-byte words at word u) into floats; returns their sum
@@ -47,16 +52,54 @@ __device__ __forceinline__ float load32(const __nv_bfloat16* x, int u, float* xf
     return xs;
 }
 
-// the 32 four-bit codes of one 16-byte word against 32 activations
-__device__ __forceinline__ float dot32(uint4 q, const float* xf) {
-    unsigned int qs[4] = {q.x, q.y, q.z, q.w};
+// sum q_j x_j over the 32 four-bit codes of one 16-byte word and their 32
+// activations (xs: their sum). Each code becomes the float 1 + q/16 by placing
+// it in the top mantissa bits of 1.0f (a shift and a masked or): int-to-float
+// conversion runs at 1/8 of the FMA rate on Hopper, and was what bound the
+// kernels. sum (1 + q_j/16) x_j = xs + (1/16) sum q_j x_j.
+__device__ __forceinline__ float dot32(uint4 q, const float* xf, float xs) {
+    const unsigned int qs[4] = {q.x, q.y, q.z, q.w};
     float d = 0.f;
     #pragma unroll
     for (int i = 0; i < 4; i++) {
         #pragma unroll
-        for (int j = 0; j < 8; j++) d += float((qs[i] >> (4 * j)) & 0xFu) * xf[i * 8 + j];
+        for (int j = 0; j < 8; j++) {
+            const unsigned int t = j <= 4 ? qs[i] << (19 - 4 * j) : qs[i] >> (4 * j - 19);
+            d += __uint_as_float((t & 0x00780000u) | 0x3F800000u) * xf[i * 8 + j];
+        }
     }
-    return d;
+    return 16.f * (d - xs);
+}
+
+// The KC largest of a token's E router logits, best first (ties to the lower
+// index), and their softmax: transformers' softmax over all E followed by
+// renormalising the top k gives the same, as the full denominator cancels.
+template <int E, int KC, typename T>
+__device__ __forceinline__ void top_k(const T* logits, int* idx, float* wt) {
+    unsigned long long taken = 0;
+    #pragma unroll
+    for (int j = 0; j < KC; j++) {
+        int best = -1;
+        float top = 0.f;
+        for (int e = 0; e < E; e++) {
+            const float v = static_cast<float>(logits[e]);
+            if (!((taken >> e) & 1ull) && (best < 0 || v > top)) {
+                best = e;
+                top = v;
+            }
+        }
+        taken |= 1ull << best;
+        idx[j] = best;
+        wt[j] = top;
+    }
+    float sum = 0.f;
+    #pragma unroll
+    for (int j = 0; j < KC; j++) {
+        wt[j] = __expf(wt[j] - wt[0]);
+        sum += wt[j];
+    }
+    #pragma unroll
+    for (int j = 0; j < KC; j++) wt[j] /= sum;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -66,16 +109,19 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 """
 
-# x [T, K], w [E, 2F, K/8] (gate rows, then up rows), idx [T*KC] -> h [T*KC, F]
+# x [T, K], w [E, 2F, K/8] (gate rows, then up rows), logits [T, E] -> h [T*KC, F]
 GATE_UP_SWIGLU = r"""
     constexpr int KU4 = K / 32;  // 16-byte words (32 four-bit codes) per row
     constexpr int G = K / GS;    // scale groups per row
     const int lane = threadIdx.x & 31;
     const long row0 = ((long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * R;
     if (row0 >= long(NC) * F) return;
-    const int c = int(row0 / F);
+    const int c = int(row0 / F);  // which (token, choice) pair
     const long n0 = row0 % F;
-    const long gate = long(idx[c]) * 2 * F + n0;  // first row of each half
+    int idx[KC];
+    float wt[KC];
+    top_k<E, KC>(logits + long(c / KC) * E, idx, wt);
+    const long gate = long(idx[c % KC]) * 2 * F + n0;  // first row of each half
     const long up = gate + F;
     const __nv_bfloat16* xrow = x + long(c / KC) * K;
     float ag[R], au[R];
@@ -93,9 +139,9 @@ GATE_UP_SWIGLU = r"""
         }
         #pragma unroll
         for (int r = 0; r < R; r++) {
-            ag[r] += __bfloat162float(scales[(gate + r) * G + g]) * dot32(qg[r], xf)
+            ag[r] += __bfloat162float(scales[(gate + r) * G + g]) * dot32(qg[r], xf, xs)
                    + __bfloat162float(biases[(gate + r) * G + g]) * xs;
-            au[r] += __bfloat162float(scales[(up + r) * G + g]) * dot32(qu[r], xf)
+            au[r] += __bfloat162float(scales[(up + r) * G + g]) * dot32(qu[r], xf, xs)
                    + __bfloat162float(biases[(up + r) * G + g]) * xs;
         }
     }
@@ -107,7 +153,7 @@ GATE_UP_SWIGLU = r"""
     }
 """
 
-# h [T*KC, K], w [E, D, K/8], idx and weights [T*KC] -> y [T, D]
+# h [T*KC, K], w [E, D, K/8], logits [T, E] -> y [T, D]
 DOWN_COMBINE = r"""
     constexpr int KU4 = K / 32;
     constexpr int G = K / GS;
@@ -116,13 +162,15 @@ DOWN_COMBINE = r"""
     if (row0 >= long(NT) * D) return;
     const int t = int(row0 / D);
     const long d0 = row0 % D;
+    int idx[KC];
+    float wt[KC];
+    top_k<E, KC>(logits + long(t) * E, idx, wt);
     float out[R];
     #pragma unroll
     for (int r = 0; r < R; r++) out[r] = 0.f;
     for (int j = 0; j < KC; j++) {
         const int c = t * KC + j;
-        const long row = long(idx[c]) * D + d0;
-        const float wt = static_cast<float>(weights[c]);
+        const long row = long(idx[j]) * D + d0;
         for (int u = lane; u < KU4; u += 32) {
             float xf[32];
             const float xs = load32(h + long(c) * K, u, xf);
@@ -134,7 +182,7 @@ DOWN_COMBINE = r"""
             }
             #pragma unroll
             for (int r = 0; r < R; r++) {
-                out[r] += wt * (__bfloat162float(scales[(row + r) * G + g]) * dot32(q[r], xf)
+                out[r] += wt[j] * (__bfloat162float(scales[(row + r) * G + g]) * dot32(q[r], xf, xs)
                               + __bfloat162float(biases[(row + r) * G + g]) * xs);
             }
         }
@@ -156,39 +204,44 @@ def _kernel(name: str, inputs: list[str], output: str, source: str):
     return _kernels[name]
 
 
-def usable(experts, x: mx.array) -> bool:
-    """Whether `experts` (moe.Experts) can decode `x` [..., D] through the kernels."""
+def usable(block, x: mx.array) -> bool:
+    """Whether `block` (moe.SparseMoeBlock) can decode `x` [..., D] through the kernels."""
+    experts = block.switch_mlp
     if not ENABLED or not _on_cuda() or "gate_up_proj" not in experts:
         return False
     gate_up, down = experts.gate_up_proj, experts.down_proj
     return (x.dtype == mx.bfloat16 and _four_bit(gate_up) and _four_bit(down)
-            and gate_up.weight.shape[-2] // 2 % ROWS == 0 and down.weight.shape[-2] % ROWS == 0
+            and gate_up.weight.shape[0] <= 64  # experts: a bit each in a 64-bit mask
+            and gate_up.weight.shape[-2] // 2 % GATE_UP_ROWS == 0
+            and down.weight.shape[-2] % DOWN_ROWS == 0
             and x.shape[-1] % 32 == 0 and down.weight.shape[-1] * 8 % 32 == 0)
 
 
-def moe(x: mx.array, experts, indices: mx.array, weights: mx.array) -> mx.array:
-    """sum_j weights[..., j] * expert_{indices[..., j]}(x): x [..., D] -> [..., D]."""
+def moe(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
+    """The MoE block's output for the router's `logits` [..., E]: the sum over
+    each token's top k experts, weighted by their renormalised softmax
+    (moe.SparseMoeBlock.route), computed inside the kernels: x [..., D] -> [..., D].
+
+    Arrays go to the kernels as they are (each kernel reads them flat): every
+    op left out (routing, reshapes) is one less for the host to dispatch."""
     D = x.shape[-1]
-    k = indices.shape[-1]
     T = x.size // D
     gate_up, down = experts.gate_up_proj, experts.down_proj
-    F = gate_up.weight.shape[-2] // 2
-    idx = indices.flatten().astype(mx.uint32)  # [T*k]
-    h = _kernel("hermes_gate_up_swiglu", ["x", "w", "scales", "biases", "idx"], "h",
+    E, F = gate_up.weight.shape[0], gate_up.weight.shape[-2] // 2
+    h = _kernel("hermes_gate_up_swiglu", ["x", "w", "scales", "biases", "logits"], "h",
                 GATE_UP_SWIGLU)(
-        inputs=[x.reshape(T, D), gate_up.weight, gate_up.scales, gate_up.biases, idx],
+        inputs=[x, gate_up.weight, gate_up.scales, gate_up.biases, logits],
         template=[("F", F), ("K", D), ("GS", gate_up.group_size), ("NC", T * k), ("KC", k),
-                  ("R", ROWS)],
-        grid=(T * k * F // ROWS * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+                  ("E", E), ("R", GATE_UP_ROWS)],
+        grid=(T * k * F // GATE_UP_ROWS * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
         output_shapes=[(T * k, F)], output_dtypes=[mx.bfloat16])[0]
-    y = _kernel("hermes_down_combine", ["h", "w", "scales", "biases", "idx", "weights"], "y",
-                DOWN_COMBINE)(
-        inputs=[h, down.weight, down.scales, down.biases, idx, weights.flatten()],
+    return _kernel("hermes_down_combine", ["h", "w", "scales", "biases", "logits"], "y",
+                   DOWN_COMBINE)(
+        inputs=[h, down.weight, down.scales, down.biases, logits],
         template=[("D", D), ("K", F), ("GS", down.group_size), ("NT", T), ("KC", k),
-                  ("R", ROWS)],
-        grid=(T * D // ROWS * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
-        output_shapes=[(T, D)], output_dtypes=[mx.bfloat16])[0]
-    return y.reshape(x.shape)
+                  ("E", E), ("R", DOWN_ROWS)],
+        grid=(T * D // DOWN_ROWS * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+        output_shapes=[x.shape], output_dtypes=[mx.bfloat16])[0]
 
 
 def _four_bit(layer) -> bool:

@@ -72,8 +72,15 @@ def shard(model: Model, group: mx.distributed.Group) -> Model:
         "down_proj": getattr(first.block_sparse_moe.switch_mlp.down_proj, "group_size", None)})
     for layer in model.layers:
         attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group))
+        if "qkv_proj" in attn:
+            # [q; k; v] stacked: each rank takes its heads of all three
+            q, kv, _ = attn.qkv_sizes()
+            attn.qkv_proj = shard_linear(attn.qkv_proj, "all-to-sharded", segments=[q, q + kv],
+                                         group=group)
+        else:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded",
+                                                 group=group))
         attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
         attn.n_heads //= n
         attn.n_kv_heads //= n

@@ -9,6 +9,7 @@ H query heads, K kv heads, Dh head dim, V vocab.
 from __future__ import annotations
 
 import inspect
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -16,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
-from . import cpu
+from . import cpu, fusion
 from .errors import HermesError
 from .moe import SparseMoeBlock
 
@@ -105,7 +106,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
-        head_dim = args.dims_per_head
+        self.head_dim = head_dim = args.dims_per_head
         self.scale = head_dim**-0.5
         self.q_proj = nn.Linear(args.hidden_size, self.n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * head_dim, bias=False)
@@ -113,11 +114,36 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * head_dim, args.hidden_size, bias=False)
         self.rope = nn.RoPE(head_dim, traditional=False, base=args.rope_theta)
 
+    def qkv_sizes(self) -> list[int]:
+        return [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+
+    def fuse(self) -> None:
+        """q, k and v stacked into one qkv_proj [(H + 2K) * Dh, D]: a decoded
+        token then launches one matmul for them, not three. Kept apart when
+        stored differently (mixed conversions give v_proj more bits)."""
+        if "qkv_proj" not in self:
+            joined = fusion.join([self.q_proj, self.k_proj, self.v_proj])
+            if joined is not None:
+                self.qkv_proj = joined
+                del self.q_proj, self.k_proj, self.v_proj
+
+    def unfused_parameters(self) -> dict:
+        """Parameters in the checkpoint's layout (q_proj, k_proj, v_proj, o_proj)."""
+        params = dict(self.parameters())
+        if "qkv_proj" in params:
+            parts = fusion.split(params.pop("qkv_proj"), self.qkv_sizes())
+            params.update(zip(("q_proj", "k_proj", "v_proj"), parts))
+        return params
+
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, Dh]
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, K, L, Dh]
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, K, L, Dh]
+        if "qkv_proj" in self:
+            q, k, v = mx.split(self.qkv_proj(x), list(accumulate(self.qkv_sizes()[:2])), axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, Dh]
+        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, K, L, Dh]
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, K, L, Dh]
 
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)
@@ -186,14 +212,16 @@ class Model(nn.Module):
         return self.model.layers
 
     def fuse(self) -> None:
-        """Fast-path layout for running (see Experts.fuse); call after loading."""
+        """Fast-path layout for running (Attention.fuse, Experts.fuse); call after loading."""
         for layer in self.layers:
+            layer.self_attn.fuse()
             layer.block_sparse_moe.switch_mlp.fuse()
 
     def checkpoint_parameters(self) -> dict:
         """Parameters named as in the checkpoint (mlx-lm's layout), fused or not."""
         params = self.parameters()
         for i, layer in enumerate(self.layers):
+            params["model"]["layers"][i]["self_attn"] = layer.self_attn.unfused_parameters()
             moe = params["model"]["layers"][i]["block_sparse_moe"]
             moe["switch_mlp"] = layer.block_sparse_moe.switch_mlp.unfused_parameters()
         return params

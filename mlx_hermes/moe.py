@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from . import cpu, cuda_qmv
+from . import cpu, cuda_qmv, fusion
 
 # Below this many (token, expert) pairs the gathered matmuls read each expert
 # once per token anyway; above it, grouping tokens by expert lets each
@@ -84,32 +84,20 @@ class Experts(nn.Module):
         self.down_proj = SwitchLinear(hidden_dims, dims, num_experts, bias=False)
 
     def fuse(self) -> None:
-        """Stack gate over up: [E, 2F, D]. Skipped when they are stored
-        differently (e.g. another bit width), where nothing is gained."""
-        if "gate_up_proj" in self:
-            return
-        gate, up = self.gate_proj, self.up_proj
-        quantized = isinstance(gate, QuantizedSwitchLinear)
-        if quantized != isinstance(up, QuantizedSwitchLinear):
-            return
-        if quantized and (gate.bits, gate.group_size) != (up.bits, up.group_size):
-            return
-        fused = gate
-        for name in ("weight", "scales", "biases") if quantized else ("weight",):
-            fused[name] = mx.concatenate([gate[name], up[name]], axis=-2)
-        self.gate_up_proj = fused
-        del self.gate_proj, self.up_proj
+        """Stack gate over up: [E, 2F, D] (kept apart when stored differently)."""
+        if "gate_up_proj" not in self:
+            joined = fusion.join([self.gate_proj, self.up_proj])
+            if joined is not None:
+                self.gate_up_proj = joined
+                del self.gate_proj, self.up_proj
 
     def unfused_parameters(self) -> dict:
-        """Parameters in the checkpoint's layout (gate_proj, up_proj, down_proj).
-        The halves are copies: strided views of the fused tensor are not taken
-        by every backend's gathered matmuls (CUDA's gather_qmm refuses them)."""
+        """Parameters in the checkpoint's layout (gate_proj, up_proj, down_proj)."""
         params = dict(self.parameters())
         if "gate_up_proj" in params:
             fused = params.pop("gate_up_proj")
             half = fused["weight"].shape[-2] // 2
-            params["gate_proj"] = {k: mx.contiguous(v[..., :half, :]) for k, v in fused.items()}
-            params["up_proj"] = {k: mx.contiguous(v[..., half:, :]) for k, v in fused.items()}
+            params["gate_proj"], params["up_proj"] = fusion.split(fused, [half, half])
         return params
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
@@ -165,18 +153,17 @@ class SparseMoeBlock(nn.Module):
         self.group = None  # set by distributed.shard: each rank holds a slice of every expert
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """Each token's k experts and their weights, as transformers does:
-        softmax over all E logits in float32, keep the top k, renormalise."""
-        indices, weights = _route(self.gate(x), self.top_k)  # [B, L, k] each
-        return mx.stop_gradient(indices), weights.astype(x.dtype)
+        """Each token's k experts and their float32 weights, as transformers
+        does: softmax over all E logits in float32, keep the top k, renormalise."""
+        return _route(self.gate(x), self.top_k)  # [B, L, k] each
 
     def __call__(self, x: mx.array) -> mx.array:
-        indices, weights = self.route(x)
-        if indices.size < SORT_THRESHOLD and cuda_qmv.usable(self.switch_mlp, x):
-            y = cuda_qmv.moe(x, self.switch_mlp, indices, weights)  # [B, L, D]
+        if x.size // x.shape[-1] * self.top_k < SORT_THRESHOLD and cuda_qmv.usable(self, x):
+            y = cuda_qmv.moe(x, self.switch_mlp, self.gate(x), self.top_k)  # [B, L, D]
         else:
+            indices, weights = self.route(x)  # [B, L, k] each
             y = self.switch_mlp(x, indices)  # [B, L, k, D]
-            y = (y * weights[..., None]).sum(axis=-2)  # [B, L, D]
+            y = (y * weights[..., None].astype(x.dtype)).sum(axis=-2)  # [B, L, D]
         if self.group is not None:
             y = mx.distributed.all_sum(y, group=self.group)
         return y

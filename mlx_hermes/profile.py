@@ -65,6 +65,7 @@ def synthetic_model(name: str, layers: Optional[int] = None, bits: int = 4,
         part.update(tree_map_with_path(lambda path, p: _random_like(path, p, bits, dtype),
                                        part.parameters()))
         if fuse and hasattr(part, "block_sparse_moe"):
+            part.self_attn.fuse()
             part.block_sparse_moe.switch_mlp.fuse()
         mx.eval(part.parameters())
         if progress:

@@ -82,7 +82,7 @@ def assert_same(ranks: list[dict], ref: dict) -> None:
 def split_and_replicated(model) -> tuple[int, int]:
     split = replicated = 0
     for name, p in tree_flatten(model.parameters()):
-        if re.search(r"self_attn\.[qkvo]_proj|switch_mlp", name):
+        if re.search(r"self_attn\.(qkv|[qkvo])_proj|switch_mlp", name):
             split += p.nbytes
         else:
             replicated += p.nbytes

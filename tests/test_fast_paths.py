@@ -25,12 +25,15 @@ def unfused_copy(model: Model) -> Model:
 
 
 @pytest.mark.parametrize("bits", [None, 4])
-def test_fused_gate_up_equals_separate_projections(hf_checkpoint, mlx_lm_quantized, bits):
+def test_fused_projections_equal_separate_ones(hf_checkpoint, mlx_lm_quantized, bits):
+    """gate+up and q+k+v joined at load against the checkpoint's separate layers."""
     path = hf_checkpoint if bits is None else mlx_lm_quantized(bits, 32)
     model, _ = mlx_hermes.load(path)
     assert "gate_up_proj" in model.layers[0].block_sparse_moe.switch_mlp
+    assert "qkv_proj" in model.layers[0].self_attn
     plain = unfused_copy(model)
     assert "gate_proj" in plain.layers[0].block_sparse_moe.switch_mlp
+    assert "q_proj" in plain.layers[0].self_attn
     for length in (1, 40):  # decode and sorted prefill
         tokens = mx.array([prompt(length, seed=length)])
         assert_close(np.array(model(tokens)), np.array(plain(tokens)), rel=1e-5)
@@ -81,16 +84,24 @@ def test_cpu_streams_give_identical_logits(hf_checkpoint, mlx_lm_quantized, monk
 
 @pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
                     reason="a CUDA kernel: runs on the GPU machine")
-def test_cuda_decode_kernel_equals_gather_qmm(monkeypatch):
-    """mlx_hermes/cuda_qmv.py's kernels against MLX's own ops, bf16 4-bit,
-    decode and a short prefill, on a small random model."""
+@pytest.mark.parametrize("rows,experts,k", [((2, 2), 8, 2), ((4, 1), 5, 3), ((8, 4), 4, 1)])
+def test_cuda_decode_kernel_equals_gather_qmm(monkeypatch, rows, experts, k):
+    """mlx_hermes/cuda_qmv.py's kernels (routing included) against MLX's own
+    ops, bf16 4-bit, decode and a short prefill, on small random models;
+    rows: output rows per warp of each kernel (what the speed sweep varies)."""
+    from dataclasses import replace
+
     from mlx_hermes import cuda_qmv
     from mlx_hermes import profile as prof
     from mlx_hermes.cache import make_cache
 
+    monkeypatch.setattr(cuda_qmv, "GATE_UP_ROWS", rows[0])
+    monkeypatch.setattr(cuda_qmv, "DOWN_ROWS", rows[1])
+    monkeypatch.setitem(prof.SYNTHETIC, "tiny", replace(prof.TINY, num_local_experts=experts,
+                                                         num_experts_per_tok=k))
     model = prof.synthetic_model("tiny", bits=4, group_size=32, dtype=mx.bfloat16)
-    layer = model.layers[0].block_sparse_moe.switch_mlp
-    assert cuda_qmv.usable(layer, mx.zeros((1, 1, model.args.hidden_size), mx.bfloat16))
+    block = model.layers[0].block_sparse_moe
+    assert cuda_qmv.usable(block, mx.zeros((1, 1, model.args.hidden_size), mx.bfloat16))
     outputs = {}
     for enabled in (False, True):
         monkeypatch.setattr(cuda_qmv, "ENABLED", enabled)

@@ -32,7 +32,7 @@ def test_mlx_lm_folder_matches_mlx_lm(mlx_lm_quantized, bits, group_size):
 
     moe = model.layers[0].block_sparse_moe
     assert moe.switch_mlp.gate_up_proj.bits == bits  # gate and up, fused at load
-    assert model.layers[0].self_attn.q_proj.group_size == group_size
+    assert model.layers[0].self_attn.qkv_proj.group_size == group_size  # q, k, v fused at load
     if group_size == 64:
         # The expert FFN width (96) does not divide into groups of 64, so mlx-lm
         # left down_proj in float: we must see that from the tensors.
@@ -56,6 +56,7 @@ def test_mixed_bits_per_layer(hf_checkpoint, tmp_path):
     layer = model.layers[1]
     assert (layer.block_sparse_moe.gate.bits, layer.self_attn.v_proj.bits) == (8, 8)
     assert (layer.self_attn.q_proj.bits, layer.self_attn.q_proj.group_size) == (6, 64)
+    assert "qkv_proj" not in layer.self_attn  # v_proj has other bits: q, k, v stay apart
     assert layer.block_sparse_moe.switch_mlp.gate_up_proj.bits == 4
     tokens = prompt(12, seed=5)
     assert_close(np.array(model(mx.array([tokens]))[0]), mlx_lm_logits(out, tokens))
