@@ -92,10 +92,11 @@ __device__ __forceinline__ void top_k(const T* logits, int* idx, float* wt) {
         idx[j] = best;
         wt[j] = top;
     }
+    const float top = wt[0];
     float sum = 0.f;
     #pragma unroll
     for (int j = 0; j < KC; j++) {
-        wt[j] = __expf(wt[j] - wt[0]);
+        wt[j] = __expf(wt[j] - top);
         sum += wt[j];
     }
     #pragma unroll

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.generate import generate_step
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from . import cuda_qmv
 from .cache import make_cache
 from .chip import Chip
 from .errors import HermesError
@@ -162,7 +163,8 @@ def kv_per_token_kib(args: ModelArgs = HERMES_8X7B) -> int:
 # -- measuring --------------------------------------------------------------------
 
 class _ExpertCounter:
-    """Counts the experts each MoE block routes to, while it is installed."""
+    """Counts the experts each MoE block routes to, while it is installed.
+    The CUDA decode kernels route inside themselves, so they are off meanwhile."""
 
     def __init__(self, model: Model):
         self.blocks = [layer.block_sparse_moe for layer in model.layers]
@@ -170,11 +172,13 @@ class _ExpertCounter:
                        for b in self.blocks]
 
     def __enter__(self):
+        self.kernels, cuda_qmv.ENABLED = cuda_qmv.ENABLED, False
         for i, block in enumerate(self.blocks):
             block.route = self._counting(i, block)
         return self
 
     def __exit__(self, *exc):
+        cuda_qmv.ENABLED = self.kernels
         for block in self.blocks:
             del block.route  # back to the class's method
 

@@ -60,8 +60,12 @@ def test_real_shape_at_4_bits_is_about_26_gb():
 
 
 def test_synthetic_model_routes_over_many_experts(tiny_bf16):
+    from mlx_hermes import cuda_qmv
+
     with prof._ExpertCounter(tiny_bf16) as counter:
+        assert not cuda_qmv.ENABLED  # they route inside themselves, uncounted
         tiny_bf16(mx.array([list(range(100, 164))]))
+    assert cuda_qmv.ENABLED
     counts = np.array([c.tolist() for c in counter.counts])
     assert counts.shape == (2, 8) and (counts.sum(axis=1) == 64 * 2).all()
     assert (counts > 0).sum() >= 12  # not collapsed onto a few experts
