@@ -1,11 +1,12 @@
-"""MLX's gathered matmuls on the tiny shapes the tests use, against numpy.
+"""MLX's quantized and gathered matmuls on the tiny shapes the tests use, against numpy.
 
     python benchmarks/cuda_tiny_shapes.py
 
 Some model tests fail on MLX's CUDA build and pass on the CPU; this finds
 which op, dtype, weight layout and dispatch (sorted or not) is wrong, with
-no model code involved: each case is one `mx.gather_mm` / `mx.gather_qmm`
-on random data, its relative max error against a float64 numpy reference.
+no model code involved: each case is one `mx.gather_mm` / `mx.gather_qmm` /
+`mx.quantized_matmul` on random data, its relative max error against a
+float64 numpy reference.
 Prints the failing cases, a count, and JSON. Run it also with
 MLX_ENABLE_TF32=0: the model tests run that way (tests/conftest.py).
 """
@@ -64,6 +65,24 @@ def case(D, F, E, n, dtype, quant, layout, sort, rng):
     return float(np.abs(out.reshape(ref.shape) - ref).max() / np.abs(ref).max())
 
 
+def dense_case(K, group, m, dtype, rng):
+    """One `quantized_matmul` (a Linear layer's), [m, K] x [128, K]^T."""
+    w = mx.array(rng.normal(size=(128, K)).astype(np.float32) * 0.1)
+    wq, s, b = mx.quantize(w, group_size=group, bits=4)
+    s, b = s.astype(dtype), b.astype(dtype)
+    ref_w = np.array(mx.dequantize(wq, s, b, group_size=group, bits=4).astype(mx.float32),
+                     dtype=np.float64)
+    x = mx.array(rng.normal(size=(m, K)).astype(np.float32)).astype(dtype)
+    ref = np.array(x.astype(mx.float32), dtype=np.float64) @ ref_w.T
+    try:
+        out = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=group, bits=4)
+        out = np.array(out.astype(mx.float32), dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - a missing kernel is a result here
+        return str(e)[:80]
+    err = float(np.abs(out - ref).max() / np.abs(ref).max())
+    return err if err == err else float("inf")  # NaN: wrong
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     results, bad = [], []
@@ -81,6 +100,18 @@ def main() -> None:
         results.append(row)
         ok = isinstance(err, float) and err < tol
         if not ok:
+            print("FAIL " + " ".join(f"{k}={v}" for k, v in row.items()))
+            bad.append(row)
+    for K, group, m, dtype in itertools.product([64, 128, 256], [32, 64, 128], [1, 5, 14],
+                                                [mx.float32, mx.bfloat16]):
+        if K % group:
+            continue
+        err = dense_case(K, group, m, dtype, rng)
+        tol = 5e-2 if dtype == mx.bfloat16 else 2e-3
+        row = {"op": "quantized_matmul", "K": K, "group": group, "rows": m,
+               "dtype": str(dtype).split(".")[-1], "rel_err": err}
+        results.append(row)
+        if not (isinstance(err, float) and err < tol):
             print("FAIL " + " ".join(f"{k}={v}" for k, v in row.items()))
             bad.append(row)
     print(f"{len(bad)} of {len(results)} cases wrong or missing")

@@ -1,0 +1,117 @@
+"""Compile mlx_hermes/cuda_qmv.py's kernels for Hopper on any machine, no GPU:
+catches compile errors and shows registers and spills before a device run.
+
+    pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 \
+        nvidia-cuda-nvcc-cu12
+    python benchmarks/compile_cuda_kernels.py [--arch sm_90]
+
+Each kernel body is wrapped the way `mx.fast.cuda_kernel` wraps it (typed
+input pointers, template arguments as ints) at the 8x7B shapes, compiled
+with NVRTC, and its PTX assembled with ptxas for the resource report. MLX's
+own preamble is not included, so a kernel that passes here can still fail on
+names only MLX defines; it has caught every typo so far, at no device time.
+Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlx_hermes import cuda_qmv  # noqa: E402
+
+BF16, U32 = "__nv_bfloat16", "uint32_t"
+# name, inputs with their types, output, body, template arguments (8x7B, 4-bit, group 64)
+KERNELS = [
+    ("gate_up_swiglu", [("x", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
+                        ("logits", BF16)], "h", cuda_qmv.GATE_UP_SWIGLU,
+     {"F": 14336, "K": 4096, "GS": 64, "NC": 2, "KC": 2, "E": 8, "R": cuda_qmv.GATE_UP_ROWS}),
+    ("down_combine", [("h", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
+                      ("logits", BF16)], "y", cuda_qmv.DOWN_COMBINE,
+     {"D": 4096, "K": 14336, "GS": 64, "NT": 1, "KC": 2, "E": 8, "R": cuda_qmv.DOWN_ROWS}),
+]
+
+
+def cuda_root() -> Path:
+    try:
+        import nvidia.cuda_nvrtc
+    except ImportError:
+        sys.exit("error: NVRTC is not installed: pip install nvidia-cuda-nvrtc-cu12 "
+                 "nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 nvidia-cuda-nvcc-cu12")
+    return Path(list(nvidia.cuda_nvrtc.__path__)[0]).parent
+
+
+def source(name: str, inputs: list, output: str, body: str, template: dict) -> str:
+    params = ", ".join([f"const {t}* __restrict__ {n}" for n, t in inputs]
+                       + [f"{BF16}* __restrict__ {output}"])
+    values = ", ".join(str(v) for v in template.values())
+    return ("#include <cuda_bf16.h>\n#include <cuda/std/cstdint>\nusing cuda::std::uint32_t;\n"
+            + cuda_qmv.HEADER
+            + f"\ntemplate <{', '.join(f'int {k}' for k in template)}>\n"
+            f"__global__ void {name}({params}) {{\n{body}\n}}\n"
+            f"template __global__ void {name}<{values}>({params});\n")
+
+
+def compile_ptx(nvrtc, root: Path, src: str, arch: str) -> tuple[int, str, bytes]:
+    prog = ctypes.c_void_p()
+    nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"kernel.cu", 0, None, None)
+    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17",
+            f"-I{root / 'cuda_runtime' / 'include'}".encode(),
+            f"-I{root / 'cuda_cccl' / 'include'}".encode()]
+    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    ptx = b""
+    if rc == 0:
+        nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetPTX(prog, buf)
+        ptx = buf.value
+    return rc, log.value.decode(errors="replace"), ptx
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="sm_90")
+    a = ap.parse_args()
+    root = cuda_root()
+    nvrtc = ctypes.CDLL(str(next((root / "cuda_nvrtc" / "lib").glob("libnvrtc.so*"))))
+    ptxas = root / "cuda_nvcc" / "bin" / "ptxas"
+    rows, failed = [], False
+    for name, inputs, output, body, template in KERNELS:
+        rc, log, ptx = compile_ptx(nvrtc, root, source(name, inputs, output, body, template),
+                                   a.arch)
+        row = {"kernel": name, "compiled": rc == 0, "registers": None, "spill_bytes": None}
+        if rc != 0:
+            failed = True
+            print(f"{name}: NVRTC error\n{log}", file=sys.stderr)
+        elif ptxas.exists():
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "k.ptx").write_bytes(ptx)
+                info = subprocess.run([str(ptxas), f"-arch={a.arch}", "-v", "k.ptx", "-o",
+                                       "k.cubin"], cwd=d, capture_output=True, text=True).stderr
+            regs = re.search(r"Used (\d+) registers", info)
+            spills = re.findall(r"(\d+) bytes spill", info)
+            row["registers"] = int(regs.group(1)) if regs else None
+            row["spill_bytes"] = sum(int(s) for s in spills)
+        rows.append(row)
+    print(f"{'kernel':<16} {'compiled':>8} {'registers':>9} {'spill bytes':>11}")
+    for r in rows:
+        print(f"{r['kernel']:<16} {str(r['compiled']):>8} {str(r['registers']):>9} "
+              f"{str(r['spill_bytes']):>11}")
+    print(json.dumps({"arch": a.arch, "kernels": rows}))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
