@@ -141,9 +141,9 @@ class Attention(nn.Module):
             q, k, v = mx.split(self.qkv_proj(x), list(accumulate(self.qkv_sizes()[:2])), axis=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, Dh]
-        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, K, L, Dh]
-        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, K, L, Dh]
+        q = self.heads(q, self.n_heads)  # [B, H, L, Dh]
+        k = self.heads(k, self.n_kv_heads)  # [B, K, L, Dh]
+        v = self.heads(v, self.n_kv_heads)  # [B, K, L, Dh]
 
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)
@@ -153,7 +153,19 @@ class Attention(nn.Module):
 
         # mlx-lm's wrapper: mx.fast SDPA, or its quantized path when the cache is quantized.
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # [B, L, D]
+        if L > 1:
+            out = out.transpose(0, 2, 1, 3)  # [B, L, H, Dh]
+        return self.o_proj(out.reshape(B, L, -1))  # [B, L, D]
+
+    @staticmethod
+    def heads(x: mx.array, n: int) -> mx.array:
+        """[B, L, n * Dh] -> [B, n, L, Dh]. A decoded token (L = 1) needs no
+        transpose, as the memory order is the same: an op a tensor less for
+        the host to dispatch every token (host work bounds GPU decoding)."""
+        B, L, _ = x.shape
+        if L == 1:
+            return x.reshape(B, n, 1, -1)
+        return x.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
 
 
 class DecoderLayer(nn.Module):
