@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -100,6 +101,14 @@ def test_cuda_decode_kernel_equals_gather_qmm(monkeypatch, rows, experts, k):
     monkeypatch.setitem(prof.SYNTHETIC, "tiny", replace(prof.TINY, num_local_experts=experts,
                                                          num_experts_per_tok=k))
     model = prof.synthetic_model("tiny", bits=4, group_size=32, dtype=mx.bfloat16)
+    for layer in model.layers:
+        # A float32 router: bf16 logits often tie exactly (8 bits of mantissa), and
+        # a tie at the k-th place may go either way in either path.
+        gate = layer.block_sparse_moe.gate
+        router = nn.Linear(model.args.hidden_size, model.args.num_local_experts, bias=False)
+        router.weight = mx.dequantize(gate.weight, gate.scales, gate.biases, gate.group_size,
+                                      gate.bits).astype(mx.float32)
+        layer.block_sparse_moe.gate = router
     block = model.layers[0].block_sparse_moe
     assert cuda_qmv.usable(block, mx.zeros((1, 1, model.args.hidden_size), mx.bfloat16))
     outputs = {}
