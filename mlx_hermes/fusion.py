@@ -12,14 +12,13 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 
 def join(layers: list[nn.Module]) -> Optional[nn.Module]:
     """One layer computing the concatenation of `layers`' outputs, or None
     when they are stored differently (float and quantized, or other bits or
     group sizes, as in mixed conversions), where nothing would be gained."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-
     first = layers[0]
     quantized = isinstance(first, (nn.QuantizedLinear, QuantizedSwitchLinear))
     for layer in layers[1:]:

@@ -9,7 +9,6 @@ H query heads, K kv heads, Dh head dim, V vocab.
 from __future__ import annotations
 
 import inspect
-from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -138,7 +137,8 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
         if "qkv_proj" in self:
-            q, k, v = mx.split(self.qkv_proj(x), list(accumulate(self.qkv_sizes()[:2])), axis=-1)
+            nq, nkv, _ = self.qkv_sizes()
+            q, k, v = mx.split(self.qkv_proj(x), [nq, nq + nkv], axis=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.heads(q, self.n_heads)  # [B, H, L, Dh]
