@@ -86,34 +86,29 @@ def dense_case(K, group, m, dtype, rng):
 def main() -> None:
     rng = np.random.default_rng(0)
     results, bad = [], []
+
+    def record(row: dict) -> None:
+        # bf16 sums; float32 may run as TF32: both far below a wrong result
+        tol = 5e-2 if row["dtype"] == "bfloat16" else 2e-3
+        results.append(row)
+        if not (isinstance(row["rel_err"], float) and row["rel_err"] < tol):
+            print("FAIL " + " ".join(f"{k}={v}" for k, v in row.items()))
+            bad.append(row)
+
     for (D, F, E), n, dtype, quant, layout, sort in itertools.product(
             [(64, 96, 4), (64, 128, 8)], [5, 40], [mx.float32, mx.bfloat16], [None, 32, 64],
             ["fused", "half view", "half copied"], [False, True]):
         if quant and F % quant:
             continue
-        err = case(D, F, E, n, dtype, quant, layout, sort, rng)
-        # bf16 sums; float32 may run as TF32: both far below a wrong result
-        tol = 5e-2 if dtype == mx.bfloat16 else 2e-3
-        row = {"D": D, "F": F, "E": E, "tokens": n, "dtype": str(dtype).split(".")[-1],
-               "weights": f"q4 g{quant}" if quant else "float", "layout": layout,
-               "sorted": sort, "rel_err": err}
-        results.append(row)
-        ok = isinstance(err, float) and err < tol
-        if not ok:
-            print("FAIL " + " ".join(f"{k}={v}" for k, v in row.items()))
-            bad.append(row)
+        record({"D": D, "F": F, "E": E, "tokens": n, "dtype": str(dtype).split(".")[-1],
+                "weights": f"q4 g{quant}" if quant else "float", "layout": layout,
+                "sorted": sort, "rel_err": case(D, F, E, n, dtype, quant, layout, sort, rng)})
     for K, group, m, dtype in itertools.product([64, 128, 256], [32, 64, 128], [1, 5, 14],
                                                 [mx.float32, mx.bfloat16]):
         if K % group:
             continue
-        err = dense_case(K, group, m, dtype, rng)
-        tol = 5e-2 if dtype == mx.bfloat16 else 2e-3
-        row = {"op": "quantized_matmul", "K": K, "group": group, "rows": m,
-               "dtype": str(dtype).split(".")[-1], "rel_err": err}
-        results.append(row)
-        if not (isinstance(err, float) and err < tol):
-            print("FAIL " + " ".join(f"{k}={v}" for k, v in row.items()))
-            bad.append(row)
+        record({"op": "quantized_matmul", "K": K, "group": group, "rows": m,
+                "dtype": str(dtype).split(".")[-1], "rel_err": dense_case(K, group, m, dtype, rng)})
     print(f"{len(bad)} of {len(results)} cases wrong or missing")
     print(json.dumps({"device": str(mx.default_device()), "failing": bad}))
 
