@@ -79,7 +79,7 @@ def write_checkpoint(out: Path, layers: int, shard_bytes: int = 4_900_000_000) -
         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000,
     }
     (out / "config.json").write_text(json.dumps(real_config, indent=2))
-    tokenizer = Path(__file__).parent.parent / "examples" / "hermes-tokenizer"
+    tokenizer = Path(__file__).parent.parent / "mlx_hermes" / "hermes_tokenizer"
     for f in tokenizer.iterdir():
         if f.name != "README.md":
             shutil.copy(f, out / f.name)

@@ -45,7 +45,7 @@ def build(workdir: Path) -> Path:
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=32002, num_experts_per_tok=2, **SHAPE)
     MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(src)
-    tokenizer = Path(__file__).resolve().parent.parent / "examples" / "hermes-tokenizer"
+    tokenizer = Path(__file__).resolve().parent.parent / "mlx_hermes" / "hermes_tokenizer"
     for f in tokenizer.iterdir():
         if f.name != "README.md":
             shutil.copy(f, src / f.name)

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from mlx_hermes.errors import HermesError
+from mlx_hermes.errors import HermesError, first_line
 from mlx_hermes.loader import read_config, resolve_model_path, to_dtype
 from mlx_hermes.model import ModelArgs
 
@@ -45,10 +45,15 @@ def convert(
     progress(done, total) is called as source bytes are consumed.
     """
     out = Path(mlx_path).expanduser()
+    local = Path(hf_path).expanduser()
+    if local.exists():  # before anything is read (or, for a repo id, downloaded)
+        _check_apart(local, out)
     if out.exists() and not force:
         raise HermesError(f"{out} already exists; pass --force to replace it")
     out_dtype = to_dtype(dtype)
+    _make_parent(out)
     src = resolve_model_path(hf_path)
+    _check_apart(src, out)
     config = read_config(src)
     if "quantization" in config:
         raise HermesError(f"{src} is already quantized; convert from the original checkpoint")
@@ -57,10 +62,13 @@ def convert(
     items = make_plan(source, args, bits, group_size, recipe)
     specs = [spec for item in items for spec in item.outputs(out_dtype)]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
     tmp = out.with_name(f".{out.name}.converting-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise HermesError(f"cannot write beside {out}: {e.strerror or first_line(e)}") from None
     try:
         writer = ShardWriter(tmp, split_into_shards(specs))
         total = sum(_source_bytes(source, s) for item in items for s in item.sources)
@@ -85,6 +93,45 @@ def convert(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def _check_apart(src: Path, out: Path) -> None:
+    """The output may not be, hold or sit inside the source: --force would
+    otherwise replace the checkpoint being read (93 GB of download)."""
+    a, b = src.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise HermesError(f"the output {out} and the source {src} overlap; write the "
+                          "conversion to a folder outside the source")
+
+
+def _make_parent(out: Path) -> None:
+    for folder in out.parents:
+        if folder.exists() and not folder.is_dir():
+            raise HermesError(f"cannot create {out}: {folder} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a file where a folder should be, or no permission
+        raise HermesError(f"cannot create {out}: {e.strerror or first_line(e)} "
+                          f"({e.filename or out.parent})") from None
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary folders of conversions to `out` whose process is gone (killed
+    with SIGKILL, or the machine went down)."""
+    for old in out.parent.glob(f".{out.name}.converting-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def convert_item(source: Source, item: Item, dtype: mx.Dtype):

@@ -44,7 +44,6 @@ class ChatSession:
         self.cache = make_cache(model, options.get("kv_bits"))
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
         self.history = self._render(self.messages)  # the conversation's tokens, turns closed
-        self._closing = self._closing_ids()
 
     @property
     def system(self) -> Optional[str]:
@@ -118,16 +117,16 @@ class ChatSession:
             known = target[:common] + feed + generated
             self.cached = known[: trim_to(self.cache, len(known))]
             if generated:
-                self.last_stats = stats
-                if generated[-1] in self.tokenizer.eos_token_ids:
-                    generated.pop()
+                if stats is not None:  # a reply cut short by Ctrl-C has none
+                    self.last_stats = stats
                 self.messages += [{"role": "user", "content": text},
                                   {"role": "assistant", "content": "".join(reply)}]
-                self.history = target + generated + self._closing
+                self.history = self.tokenizer.close_reply(target + generated)
 
-    def save(self, path: Union[str, Path]) -> None:
-        """Messages, tokens and KV cache in one file, written atomically."""
-        path = Path(path)
+    def save(self, path: Union[str, Path]) -> Path:
+        """Messages, tokens and KV cache in one file, written atomically; the
+        name gets `.safetensors` if it has no such suffix. Returns the path."""
+        path = conversation_file(path)
         tmp = path.with_name(f".{path.name}.tmp.safetensors")
         meta = {
             "format": _FORMAT,
@@ -140,15 +139,22 @@ class ChatSession:
         try:
             save_prompt_cache(str(tmp), self.cache, meta)
             os.replace(tmp, path)
-        except OSError as e:
+        except Exception as e:  # OSError, or MLX's RuntimeError for a file it cannot open
             raise HermesError(f"cannot save the conversation to {path}: {first_line(e)}") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # its folder may not exist
+                pass
+        return path
 
     @classmethod
     def load(cls, path: Union[str, Path], model: Model, tokenizer: Tokenizer,
              **options) -> "ChatSession":
-        """Resume a conversation written by `save`."""
+        """Resume a conversation written by `save` (named as it was given to `save`)."""
+        path = Path(path)
+        if not path.exists():
+            path = conversation_file(path)
         try:
             cache, meta = load_prompt_cache(str(path), return_metadata=True)
         except Exception as e:  # mlx raises several types for a bad file
@@ -168,12 +174,11 @@ class ChatSession:
     def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
 
-    def _closing_ids(self) -> list[int]:
-        """The tokens the template puts after an assistant reply (ChatML: <|im_end|>\\n)."""
-        user = [{"role": "user", "content": "x"}]
-        before = self._render(user, add_generation_prompt=True)
-        after = self._render(user + [{"role": "assistant", "content": ""}])
-        return after[len(before) :] if after[: len(before)] == before else []
+
+def conversation_file(path: Union[str, Path]) -> Path:
+    """Conversations are safetensors files: MLX reads a file by its suffix."""
+    path = Path(path).expanduser()
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
 
 
 def _signature(model: Model) -> dict:

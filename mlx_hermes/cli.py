@@ -16,10 +16,24 @@ from .errors import HermesError
 _MODEL_HELP = "model folder or Hugging Face repo id"
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that cleanup runs as on Ctrl-C.
+    Not an Exception: nothing on the way may swallow it."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 class _Group(click.Group):
     """Every error is one line on stderr and a non-zero exit, never a traceback."""
 
     def main(self, args=None, prog_name=None, **kwargs):
+        import signal
+
+        # Cleanup (temporary folders, files half-written) runs on SIGTERM as on
+        # Ctrl-C; `serve` puts uvicorn's own handler in place when it starts.
+        signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             code = super().main(args, prog_name, standalone_mode=False, **kwargs)
         except click.ClickException as e:
@@ -31,6 +45,9 @@ class _Group(click.Group):
         except (KeyboardInterrupt, click.Abort):
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
+        except _Terminated:
+            click.echo("\nterminated", err=True)
+            sys.exit(143)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -127,7 +144,9 @@ def _stats_line(stats: dict) -> str:
 
 @main.command()
 @click.option("--model", "-m", required=True, help=_MODEL_HELP)
-@click.option("--prompt", "-p", required=True, help="the prompt; - reads standard input")
+@click.option("--prompt", "-p", required=True,
+              help="the prompt; - reads standard input (less one trailing newline, so that "
+                   "`echo X | ... --prompt -` is `--prompt X`)")
 @click.option("--system", "-s", default=None, help="system prompt")
 @click.option("--raw", is_flag=True, help="send the prompt verbatim, without the chat template")
 @click.option("--stop", multiple=True, help="stop at this string (repeatable)")
@@ -140,8 +159,12 @@ def generate(model: str, prompt: str, system: Optional[str], raw: bool, stop: tu
 
     if prompt == "-":
         prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt
     if not prompt.strip():
         raise HermesError("the prompt is empty")
+    if raw and system is not None:
+        raise HermesError("--system needs the chat template: it cannot go with --raw "
+                          "(write the system text into the raw prompt instead)")
     _check_options(options)
     # A character is at least one token's worth of text: a safe upper bound.
     model_obj, tokenizer = _load(model, len(prompt) + options["max_tokens"], options["kv_bits"])
@@ -230,8 +253,7 @@ def _repl(session) -> None:
                                   "across machines")
             elif command == "/save":
                 _need(arg, "/save FILE")
-                session.save(arg)
-                click.echo(f"(saved to {arg})")
+                click.echo(f"(saved to {session.save(arg)})")
             elif command == "/load":
                 _need(arg, "/load FILE")
                 session = ChatSession.load(arg, session.model, session.tokenizer,
@@ -274,6 +296,35 @@ def _read_line(model) -> Optional[str]:
         watchdog.beat()
 
 
+def _yes(question: str) -> bool:
+    """A yes/no answer (Enter is yes); asks again until it gets one."""
+    while True:
+        try:
+            answer = input(question).strip().lower()
+        except EOFError:
+            return False
+        if answer in ("", "y", "yes"):
+            return True
+        if answer in ("n", "no"):
+            return False
+        click.echo("error: answer y or n", err=True)
+
+
+def _keep_for_next_input(text: str) -> None:
+    """Put text in the next prompt's line, ready to edit (with readline), and in
+    the history in any case."""
+    try:
+        import readline
+    except ImportError:
+        return
+    readline.add_history(text)
+
+    def prefill() -> None:
+        readline.insert_text(text)
+        readline.set_startup_hook(None)  # once
+    readline.set_startup_hook(prefill)
+
+
 def _need(arg: str, usage: str) -> None:
     if not arg:
         raise HermesError(f"usage: {usage}")
@@ -297,7 +348,9 @@ def _reply(session, text: str) -> None:
         except ContextFull as e:
             if getattr(session.model, "group", None) is not None:
                 _info(f"({e}: dropping the oldest turn)")  # every rank decides alike
-            elif not click.confirm(f"{e}. Drop the oldest turns?", default=True):
+            elif not _yes(f"{e}. Drop the oldest turns? [Y/n] "):
+                click.echo("(not sent; your message is kept as the next input)")
+                _keep_for_next_input(text)
                 return
             if not session.drop_oldest_turn():
                 raise HermesError("this message alone is too long for the context") from None
@@ -392,22 +445,28 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
 
 
 class _bar:
-    """A tqdm progress bar on stderr as a progress(done, total) callback."""
+    """A tqdm progress bar on stderr as a progress(done, total) callback. It
+    appears with the first report of work, so a command that fails at once
+    prints no empty bar."""
 
     def __init__(self, desc: str, show: bool, unit: str = "it"):
-        from tqdm import tqdm
-
-        self.bar = tqdm(desc=desc, file=sys.stderr, disable=not show, unit=unit,
-                        unit_scale=unit == "B")
+        self.desc, self.show, self.unit = desc, show, unit
+        self.bar = None
 
     def __enter__(self):
         def update(done: int, total: int) -> None:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(desc=self.desc, file=sys.stderr, disable=not self.show,
+                                unit=self.unit, unit_scale=self.unit == "B")
             self.bar.total = total
             self.bar.update(done - self.bar.n)
         return update
 
     def __exit__(self, *exc):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 @main.command()

@@ -56,6 +56,7 @@ def load(
     check_weights(model, weights)
 
     compute = to_dtype(dtype) if dtype is not None else default_dtype(args, weights)
+    _check_cpu_dtype(compute, weights)
     weights = {
         k: v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v
         for k, v in weights.items()
@@ -238,6 +239,18 @@ def default_dtype(args: ModelArgs, weights: dict[str, mx.array]) -> mx.Dtype:
         return _DTYPES[args.torch_dtype]
     norm = weights["model.norm.weight"]
     return norm.dtype if mx.issubdtype(norm.dtype, mx.floating) else mx.float16
+
+
+def _check_cpu_dtype(compute: mx.Dtype, weights: dict[str, mx.array]) -> None:
+    """MLX's CPU backend runs float (unquantized) experts, `gather_mm`, in
+    float32 only: refuse other dtypes at load, not at the first long prompt."""
+    float_experts = any(k.endswith("switch_mlp.down_proj.weight") and
+                        mx.issubdtype(v.dtype, mx.floating) for k, v in weights.items())
+    if mx.default_device() == mx.cpu and compute != mx.float32 and float_experts:
+        name = next(k for k, v in _DTYPES.items() if v == compute)
+        raise HermesError(f"dtype {name} does not run on MLX's CPU with unquantized experts "
+                          "(its gather_mm is float32 only): use float32, the CPU's default, "
+                          "or a quantized model")
 
 
 def to_dtype(dtype: Union[str, mx.Dtype]) -> mx.Dtype:

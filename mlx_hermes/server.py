@@ -437,7 +437,9 @@ class _Server:
             messages = [{"role": "system", "content": body.system}] if body.system else []
             ids = self.chat_ids(messages + [{"role": "user", "content": body.prompt}])
             if body.context:  # an earlier reply's context: continue that conversation
-                ids = list(body.context) + ids[1:]
+                if not all(0 <= i < self.tokenizer.vocab_size for i in body.context):
+                    raise ApiError(400, "context holds ids outside the vocabulary")
+                ids = self.tokenizer.close_reply(list(body.context)) + ids[1:]
         return await self._ollama(request, body, ids, "generate")
 
     async def _ollama(self, request: Request, body: _OllamaRequest, ids: list[int], kind: str):

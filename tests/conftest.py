@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from mlx_hermes import tiny
 from mlx_hermes.cli import _converter
 
 _converter()  # a source checkout (as on the GPU machine) has convert/ but no mlx_hermes_convert
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER = ROOT / "examples" / "hermes-tokenizer"
+TOKENIZER = tiny.TOKENIZER
 
 SHAPES = {
     # 4 heads over 2 kv heads, 4 experts
@@ -65,16 +66,11 @@ def edit_weights(folder: Path, edit) -> None:
     mx.save_safetensors(str(file), weights)
 
 
-def copy_tokenizer(dest: Path) -> None:
-    for f in TOKENIZER.iterdir():
-        if f.name != "README.md":
-            shutil.copy(f, dest / f.name)
-
-
-def write_hf_checkpoint(dest: Path, seed: int = 0, max_shard_size: str = "5GB",
-                        **shape) -> Path:
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+def write_hf_checkpoint(dest: Path, seed: int = 0, shards: int = 1, **shape) -> Path:
+    """A checkpoint in the original layout, fp32: transformers writes the config,
+    the weights come from our own seeded generator (mlx_hermes.tiny), so a
+    transformers release cannot change what the test models say."""
+    from transformers import MixtralConfig
 
     rope_theta = shape.pop("rope_theta", 1e6)
     config = MixtralConfig(
@@ -83,16 +79,15 @@ def write_hf_checkpoint(dest: Path, seed: int = 0, max_shard_size: str = "5GB",
         num_experts_per_tok=2,
         bos_token_id=1,
         eos_token_id=32000,
-        # Wider than the usual 0.02, so that logits (and greedy choices) have
-        # clear winners and float rounding cannot flip them.
-        initializer_range=0.15,
+        dtype="float32",
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         **shape,
     )
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(config).eval()
-    model.save_pretrained(dest, max_shard_size=max_shard_size)
-    copy_tokenizer(dest)
+    dest.mkdir(parents=True)
+    config.save_pretrained(dest)
+    tensors = tiny.tiny_tensors({**config.to_dict(), "head_dim": config.head_dim}, seed)
+    tiny.write_weights(tensors, dest, "float32", shards)
+    tiny.copy_tokenizer(dest)
     return dest
 
 

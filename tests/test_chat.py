@@ -11,6 +11,7 @@ from mlx_hermes import ChatSession, HermesError, stream_generate
 from mlx_hermes.chat import ContextFull
 
 from .conftest import copy_model
+from .test_generate import forcing
 
 
 def recorder(store: list):
@@ -42,8 +43,10 @@ def test_second_turn_reuses_the_cache_and_matches_recomputation(loaded):
 
     # Only the new turn (and the tail of the last reply not yet fed) is prefilled.
     assert stats["prompt_tokens"] == len(new_turn) - cached_before
-    # ChatML's framing of a turn is 9 tokens, the closing of the last reply at most 2.
-    assert stats["prompt_tokens"] <= len(tokenizer.encode("What is MLX?")) - 1 + 9 + 2
+    # ChatML's framing of a turn is 9 tokens; then the closing of the last reply
+    # (<|im_end|> ▁ \n) and its last sampled token, which was never fed.
+    closing = len(tokenizer.turn_end_ids) + 1
+    assert stats["prompt_tokens"] <= len(tokenizer.encode("What is MLX?")) - 1 + 9 + closing
     assert cached_before > stats["prompt_tokens"]
 
     # The same conversation from scratch, without any cache.
@@ -54,6 +57,27 @@ def test_second_turn_reuses_the_cache_and_matches_recomputation(loaded):
     first_ours, first_ref = ours_logits[0], ref_logits[0]
     assert np.abs(first_ours - first_ref).max() <= 1e-4 * np.abs(first_ref).max()
     assert_session_consistent(session)
+
+
+def test_the_next_turn_has_exactly_the_templates_ids(loaded):
+    """ChatSession's ids for a conversation are apply_chat_template's, literally
+    (the reply's sampled tokens here are the template's own)."""
+    from .test_tokenizer import CONVERSATION, IDS
+
+    model, tokenizer = loaded()
+    session = ChatSession(model, tokenizer, system="You are Hermes.", max_tokens=8,
+                          logits_processors=[forcing([16230, 28808, 32000])])
+    tokens, stats = reply(session, "Hi there")
+    assert tokens == [16230, 28808, 32000] and session.messages[-1]["content"] == "Hello!"
+    assert session.prompt_ids("What is 2+2?") == IDS[True]
+    assert tokenizer.apply_chat_template(CONVERSATION) == IDS[True]
+
+    # After a finished reply, a Ctrl-C'd one leaves /stats at the finished one's figures.
+    session.options["logits_processors"] = []
+    stream = session.send("Tell me more")
+    next(stream)
+    stream.close()
+    assert session.last_stats == stats
 
 
 def test_messages_and_tokens_follow_chatml(loaded):
@@ -104,7 +128,9 @@ def test_interrupted_reply_keeps_the_session_consistent(loaded):
     stream.close()  # as the CLI does on Ctrl-C
     assert_session_consistent(session)
     assert session.messages[-1]["role"] == "assistant"
-    assert session.history[-len(session._closing) - 4 : -len(session._closing)] == partial
+    closing = len(tokenizer.turn_end_ids)
+    assert session.history[-closing - 4 : -closing] == partial
+    assert session.last_stats is None  # no reply has finished yet
 
     # A KeyboardInterrupt raised inside the model's step, mid-decode.
     calls = {"n": 0}

@@ -33,7 +33,7 @@ def forcing(tokens: list[int]):
 def test_streamed_text_equals_full_decode(loaded, text):
     model, tokenizer = loaded()
     target = tokenizer.encode(text)[1:]
-    pieces = tokenizer.hf_tokenizer.convert_ids_to_tokens(target)
+    pieces = [tokenizer.piece(i) for i in target]
     assert any(p.startswith("<0x") for p in pieces) == ("🦙" in text)
     chunks = list(stream_generate(model, tokenizer, "x", max_tokens=len(target),
                                   logits_processors=[forcing(target)]))
@@ -138,14 +138,26 @@ def test_sampling_filters_shape_the_distribution():
     assert draws(make_sampler(temp=0.0)) == {0}
 
 
+def test_repetition_penalty_scales_the_logits_of_recent_tokens():
+    """mlx-lm's rule: a recent token's logit is divided by the penalty if
+    positive, multiplied if negative; other tokens keep theirs."""
+    from mlx_hermes.sampling import make_logits_processors
+
+    (penalty,) = make_logits_processors(2.0, 3)
+    logits = mx.array([[4.0, -4.0, 1.0, 3.0, -1.0]])
+    out = penalty(mx.array([3, 0, 1, 0]), logits)  # the last 3: 0, 1, 0
+    assert out.tolist() == [[2.0, -8.0, 1.0, 3.0, -1.0]]
+
+
 def test_repetition_penalty_discourages_repeats(loaded):
     model, tokenizer = loaded()
     prompt = tokenizer.encode("a b a b a b a b")
-    plain = [c.token for c in stream_generate(model, tokenizer, prompt, max_tokens=30)]
     penalised = [c.token for c in stream_generate(model, tokenizer, prompt, max_tokens=30,
                                                   repetition_penalty=100.0,
                                                   repetition_context_size=64)]
-    assert len(set(penalised)) == len(penalised) > len(set(plain))
+    # Under a penalty this large no token of the window comes back, prompt included.
+    assert len(set(penalised)) == len(penalised) == 30
+    assert not set(penalised) & set(prompt)
 
 
 def test_quantized_kv_cache_follows_the_float_one(loaded):
