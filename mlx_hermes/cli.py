@@ -420,7 +420,7 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
         checkpoint_dtype = to_dtype(model_obj.args.torch_dtype or "bfloat16")
     result = prof.profile(model_obj, chip, prompt_tokens, gen_tokens, trials,
                           compare_mlx_lm=compare_mlx_lm, mlx_lm_dtype=checkpoint_dtype,
-                          full_layers=full_layers)
+                          full_layers=full_layers, progress=lambda text: _info(f"profile: {text}"))
     group = getattr(model_obj, "group", None)
     if group is not None:
         from .distributed import rank_report

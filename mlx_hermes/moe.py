@@ -114,7 +114,7 @@ class Experts(nn.Module):
         order = mx.argsort(flat)
         x = mx.expand_dims(x, (-2, -3)).flatten(0, -3)[order // k]  # [N*k, 1, D]
         dense = flat.size >= DENSE_PREFILL_MIN_TOKENS * k and dense_prefill_enabled()
-        y = self._mlp(x, flat[order], True, dense)
+        y = cpu.per_rows(lambda x, i: self._mlp(x, i, True, dense), x, flat[order])
         return mx.unflatten(y[mx.argsort(order)], 0, batch_shape).squeeze(-2)
 
     def _mlp(self, x: mx.array, indices: mx.array, do_sort: bool,

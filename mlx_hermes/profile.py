@@ -31,7 +31,7 @@ from .moe import SparseMoeBlock
 
 GB = 1e9
 HERMES_8X7B = ModelArgs()  # the real checkpoint's shape
-TINY = ModelArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+TINY = ModelArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2)
 SYNTHETIC = {"8x7b": HERMES_8X7B, "tiny": TINY}
 OVERHEAD_BYTES = 2**30  # activations, MLX's buffers, the process: a margin
@@ -54,8 +54,10 @@ def synthetic_model(name: str, layers: Optional[int] = None, bits: int = 4,
         raise HermesError(f"unknown synthetic model {name!r}; use {' or '.join(SYNTHETIC)}")
     args = SYNTHETIC[name]
     if layers is not None:
-        if not 1 <= layers <= args.num_hidden_layers:
-            raise HermesError(f"--layers must be between 1 and {args.num_hidden_layers}")
+        # Prefill never evaluates the last layer's experts (only the KV cache is
+        # needed), so one layer alone cannot stand for the others.
+        if not 2 <= layers <= args.num_hidden_layers:
+            raise HermesError(f"--layers must be between 2 and {args.num_hidden_layers}")
         args = replace(args, num_hidden_layers=layers)
     model = Model(args)
     # Only shapes and classes change here; the float initial values are lazy
@@ -89,25 +91,34 @@ def _random_like(path: str, p: mx.array, bits: int, dtype: mx.Dtype) -> mx.array
 
 # -- what a token reads ---------------------------------------------------------
 
-def bytes_per_token(model: Model, full_layers: Optional[int] = None) -> int:
+def bytes_per_token(model: Model, full_layers: Optional[int] = None,
+                    float_bytes: Optional[int] = None) -> int:
     """Weight bytes one decoded token reads: the dense parts, k/E of the
     experts in every layer, the LM head, and one row of the embedding table.
-    With `full_layers`, the model's layers stand for that many."""
+    With `full_layers`, the model's layers stand for that many. With
+    `float_bytes`, float tensors (scales, biases, norms) count at that size."""
     args = model.args
-    total = _nbytes(model.model.norm)
-    total += _nbytes(model.model.embed_tokens) // args.vocab_size
+    total = _nbytes(model.model.norm, float_bytes)
+    total += _nbytes(model.model.embed_tokens, float_bytes) // args.vocab_size
     if not args.tie_word_embeddings:
-        total += _nbytes(model.lm_head)
+        total += _nbytes(model.lm_head, float_bytes)
     share = args.num_experts_per_tok / args.num_local_experts
     layers = 0
     for layer in model.layers:
         for name, p in tree_flatten(layer.parameters()):
-            layers += p.nbytes * share if ".switch_mlp." in f".{name}" else p.nbytes
+            n = _size(p, float_bytes)
+            layers += n * share if ".switch_mlp." in f".{name}" else n
     return int(total + layers * (full_layers or len(model.layers)) / len(model.layers))
 
 
-def _nbytes(module: nn.Module) -> int:
-    return sum(p.nbytes for _, p in tree_flatten(module.parameters()))
+def _size(p: mx.array, float_bytes: Optional[int] = None) -> int:
+    if float_bytes and mx.issubdtype(p.dtype, mx.floating):
+        return p.size * float_bytes
+    return p.nbytes
+
+
+def _nbytes(module: nn.Module, float_bytes: Optional[int] = None) -> int:
+    return sum(_size(p, float_bytes) for _, p in tree_flatten(module.parameters()))
 
 
 def model_bytes(model: Model) -> int:
@@ -266,13 +277,37 @@ def mlx_lm_twin(model: Model, dtype: mx.Dtype) -> nn.Module:
     return twin
 
 
+class _Progress:
+    """Says which phase runs, with an estimate of the time left from the runs so far."""
+
+    def __init__(self, report: Optional[Callable[[str], None]], runs: int):
+        self.report, self.runs_left, self.run_s = report, runs, None
+        self.start = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        if self.report is None:
+            return
+        left = ""
+        if self.run_s is not None:
+            seconds = self.runs_left * self.run_s
+            left = f" (about {seconds / 60:.0f} min left)" if seconds >= 90 else (
+                f" (about {seconds:.0f} s left)")
+        self.report(f"{phase}{left}")
+
+    def ran(self, result: dict, gen_tokens: int) -> None:
+        """One more run done: its length, or the warm-up's, estimates the next."""
+        self.runs_left -= 1
+        self.run_s = result["ttft_s"] + (gen_tokens - 1) / max(result["decode_tps"], 1e-9)
+
+
 def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int = 128,
             trials: int = 3, compare_mlx_lm: bool = False, mlx_lm_dtype: Optional[mx.Dtype] = None,
-            full_layers: Optional[int] = None, seed: int = 0) -> dict:
+            full_layers: Optional[int] = None, seed: int = 0,
+            progress: Optional[Callable[[str], None]] = None) -> dict:
     """Measure `trials` runs (alternating with mlx-lm's Mixtral on the same
     weights if asked) and derive bandwidth figures. With `full_layers`, the
     model holds only some of that many layers and per-token figures are
-    extrapolated to the full depth."""
+    extrapolated to the full depth. `progress(text)` hears of each phase."""
     args = model.args
     if prompt_tokens < 1 or gen_tokens < 2 or trials < 1:
         raise HermesError("--prompt-tokens must be >= 1, --gen-tokens >= 2, --trials >= 1")
@@ -283,28 +318,39 @@ def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int 
     prompt = [1] + rng.integers(3, args.vocab_size, size=prompt_tokens - 1).tolist()
     twin = mlx_lm_twin(model, mlx_lm_dtype or _dtype(model)) if compare_mlx_lm else None
 
+    who = [("mlx-hermes", model)] + ([("mlx-lm", twin)] if twin is not None else [])
+    step = _Progress(progress, trials * len(who) + 1)
     # one untimed run each at the measured shapes: kernels compile, caches warm
-    time_generation(model, prompt, 4, make_cache(model))
-    if twin is not None:
-        time_generation(twin, prompt, 4, make_cache(model))
+    for name, m in who:
+        step(f"warming up {name} (an untimed run: {prompt_tokens} prompt tokens, 4 more)")
+        warm = time_generation(m, prompt, 4, make_cache(model))
+        step.run_s = warm["ttft_s"] + (gen_tokens - 1) / max(warm["decode_tps"], 1e-9)
 
     mx.reset_peak_memory()
     runs: dict[str, list[dict]] = {"mlx-hermes": [], "mlx-lm": []}
-    for _ in range(trials):
-        runs["mlx-hermes"].append(time_generation(model, prompt, gen_tokens, make_cache(model)))
-        if twin is not None:
-            runs["mlx-lm"].append(time_generation(twin, prompt, gen_tokens, make_cache(model)))
+    for trial in range(trials):
+        for name, m in who:
+            step(f"trial {trial + 1}/{trials}: {name}")
+            runs[name].append(time_generation(m, prompt, gen_tokens, make_cache(model)))
+            step.ran(runs[name][-1], gen_tokens)
     peak_memory = mx.get_peak_memory()
-    del twin
+    del twin, who
     # Counting adds work to every step, so the experts are counted in a run of their own.
+    step("counting the experts chosen (one more run)")
     with _ExpertCounter(model) as counter:
         time_generation(model, prompt, gen_tokens, make_cache(model))
         mx.eval(counter.counts)
+    step.runs_left, step.run_s = 0, None
+    step("timing attention, experts and LM head apart")
     split = time_split(model)
 
-    scale = 1.0
+    scale = prefill_scale = 1.0
     if full_layers and full_layers != args.num_hidden_layers:
         scale = full_layers / args.num_hidden_layers
+        # Prefill computes the last layer's experts for the last token only
+        # (the other tokens need just their keys and values), so n layers'
+        # prompt time holds n - 1 layers' expert work.
+        prefill_scale = (full_layers - 1) / (args.num_hidden_layers - 1)
     per_token = bytes_per_token(model, full_layers)
 
     result = {"model_layers": args.num_hidden_layers, "full_layers": full_layers or
@@ -313,7 +359,7 @@ def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int 
     for who, trial_runs in runs.items():
         if not trial_runs:
             continue
-        stats = _summarise(trial_runs, split, scale)
+        stats = _summarise(trial_runs, split, scale, prefill_scale)
         result[who] = stats
     ours = result["mlx-hermes"]
     peak_gbs = chip.peak_gbs
@@ -323,6 +369,8 @@ def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int 
         "ttft_s": ours["ttft_s"], "decode_tps_spread": ours["decode_tps_spread"],
         "peak_memory_gb": peak_memory / GB,
         "bytes_per_token": per_token,
+        # what the same weights read with 16-bit scales and norms, as a GPU keeps them
+        "bytes_per_token_16bit": bytes_per_token(model, full_layers, float_bytes=2),
         "bandwidth_gbs": bandwidth,
         "peak_bandwidth_gbs": peak_gbs,
         "rated_bandwidth_gbs": chip.rated_gbs,
@@ -332,6 +380,7 @@ def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int 
         "time_split": {k: v * (scale if k != "lm_head_s" else 1.0) for k, v in split.items()},
         "expert_counts": [c.tolist() for c in counter.counts],
         "chip": chip.name,
+        "device": "cpu" if mx.default_device() == mx.cpu else "gpu",
     })
     if "mlx-lm" in result:
         result["speedup_vs_mlx_lm"] = {
@@ -343,7 +392,7 @@ def profile(model: Model, chip: Chip, prompt_tokens: int = 512, gen_tokens: int 
 
 
 
-def _summarise(runs: list[dict], split: dict, scale: float) -> dict:
+def _summarise(runs: list[dict], split: dict, scale: float, prefill_scale: float) -> dict:
     """Mean and spread over trials, scaled to the full depth if needed: time
     in the layers grows with their number, the LM head's does not."""
     out = {}
@@ -354,9 +403,9 @@ def _summarise(runs: list[dict], split: dict, scale: float) -> dict:
             if key == "decode_tps":
                 values = [1 / ((1 / v - head) * scale + head) for v in values]
             elif key == "ttft_s":
-                values = [v * scale for v in values]
+                values = [v * prefill_scale for v in values]
             else:
-                values = [v / scale for v in values]
+                values = [v / prefill_scale for v in values]
         out[key] = statistics.fmean(values)
         out[f"{key}_spread"] = (max(values) - min(values)) / 2
         out[f"{key}_trials"] = values
@@ -379,12 +428,18 @@ def format_table(result: dict) -> str:
         rows.append(f"mlx-hermes / mlx-lm: decode {s['decode']:.2f}x, prefill {s['prefill']:.2f}x")
     rows.append(f"weights read per token: {result['bytes_per_token'] / GB:.3f} GB; "
                 f"achieved {result['bandwidth_gbs']:.1f} GB/s")
+    if result["bytes_per_token_16bit"] != result["bytes_per_token"]:
+        rows.append(f"  (scales and norms in float32, as computed on a CPU; with the 16-bit ones "
+                    f"a GPU keeps: {result['bytes_per_token_16bit'] / GB:.3f} GB)")
     if result["peak_bandwidth_gbs"]:
         peak = f"peak {result['peak_bandwidth_gbs']:.0f} GB/s"
         if result["rated_bandwidth_gbs"] and result["measured_bandwidth_gbs"]:
             peak += (f" (measured; rated {result['rated_bandwidth_gbs']:.0f})")
         rows.append(f"{peak}: {100 * result['roofline_fraction']:.1f}% of it; roofline decode "
                     f"{result['roofline_decode_tps']:.1f} tok/s")
+    if result["device"] == "cpu":
+        rows.append("  (on a CPU, MLX's quantized expert kernels read each chosen expert once per "
+                    "token in prefill as in decode: prefill is not much faster per token)")
     t = result["time_split"]
     total = sum(t.values())
     rows.append("one decode step: " + ", ".join(

@@ -58,9 +58,10 @@ def test_generate_raw_system_stdin_and_stop(tiny_model):
     system = json.loads(run("generate", "-m", str(tiny_model), "-p", "Hello", "-s", "Be kind.",
                             "-n", "3", "--json").stdout)
     assert system["prompt_tokens"] > 15
+    # `echo Hello | ... --prompt -`: the trailing newline is not part of the prompt
     piped = json.loads(run("generate", "-m", str(tiny_model), "-p", "-", "--raw", "--temp", "0",
-                           "-n", "3", "--json", input="Hello").stdout)
-    assert piped["tokens"] == raw["tokens"]
+                           "-n", "3", "--json", input="Hello\n").stdout)
+    assert piped["tokens"] == raw["tokens"] and piped["prompt_tokens"] == 2
 
     full = json.loads(run("generate", "-m", str(tiny_model), "-p", "Hi", "--temp", "0", "-n",
                           "20", "--json").stdout)["text"]
@@ -85,6 +86,7 @@ def test_generate_streams_text_and_prints_stats_to_stderr(tiny_model):
     (["-p", "hi", "--kv-bits", "3"], "'3' is not one of"),
     (["-p", "hi", "--max-tokens", "many"], "'many' is not a valid integer"),
     (["-p", "hi", "-n", "40000"], "exceeds the model's context of 32768 tokens"),
+    (["-p", "hi", "--raw", "-s", "Be kind."], "--system needs the chat template"),
 ])
 def test_generate_bad_input_is_one_line(tiny_model, args, message):
     if "-m" not in args:
@@ -107,6 +109,26 @@ def test_chat_in_process(tiny_model, tmp_path):
     assert "(resumed 2 messages" in out and "unknown command /nonsense" in out
     assert "/reset" in out  # the help text
     assert saved.exists()
+
+
+def test_every_documented_option_runs_on_the_tiny_model(tiny_model):
+    for bits in ("4", "8"):
+        result = run("generate", "-m", str(tiny_model), "-p", "Hello", "-n", "4",
+                     "--kv-bits", bits)
+        assert result.exit_code == 0, result.output
+
+
+def test_chat_save_and_load_names_and_errors(tiny_model, tmp_path):
+    script = "\n".join(["Hello", "/save /no/such/dir/x.safetensors", f"/save {tmp_path}/conv2",
+                        "/reset", f"/load {tmp_path}/conv2", "/exit"]) + "\n"
+    result = run("chat", "-m", str(tiny_model), "-n", "3", "--temp", "0", input=script)
+    assert result.exit_code == 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot save the conversation to /no/such/dir" in errors[0]
+    assert "Traceback" not in result.output
+    assert f"(saved to {tmp_path}/conv2.safetensors)" in result.stdout
+    assert "(resumed 2 messages" in result.stdout  # the chat went on after the error
+    assert [p.name for p in tmp_path.iterdir()] == ["conv2.safetensors"]
 
 
 def test_chat_bad_input(tiny_model):
@@ -168,3 +190,12 @@ def test_chat_offers_to_drop_old_turns_when_the_context_is_full(tiny_model, tmp_
     assert result.exit_code == 0, result.output
     assert "exceeds the context of 64 tokens. Drop the oldest turns?" in result.stdout
     assert result.stdout.count(">>> ") == 3  # Hello, the long message, /exit
+
+    # "n" keeps the conversation and says what became of the message; an
+    # answer that is neither asks again.
+    result = run("chat", "-m", str(small), "-n", "20", "--temp", "0",
+                 input=f"Hello\n{long}\nmaybe\nn\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("Drop the oldest turns?") == 2
+    assert "error: answer y or n" in result.stderr and "Error:" not in result.output
+    assert "(not sent; your message is kept as the next input)" in result.stdout

@@ -147,7 +147,63 @@ def convert_error(*args) -> str:
     assert result.exit_code != 0 and "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.output
+    assert "converting" not in result.stderr  # no progress bar for work never started
     return errors[0]
+
+
+def test_the_output_may_not_overlap_the_source(hf_checkpoint, tmp_path):
+    src = copy_model(hf_checkpoint, tmp_path / "src")
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, src / "sub", tmp_path):
+        message = convert_error("--hf-path", src, "--mlx-path", out, "--force")
+        assert "overlap" in message
+    assert "overlap" in convert_error("--hf-path", tmp_path / "src" / ".." / "src",
+                                      "--mlx-path", src, "--force")
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_outputs_that_cannot_be_made_are_one_line_errors(hf_checkpoint, tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert "file.txt is a file, not a folder" in convert_error(
+        "--hf-path", hf_checkpoint, "--mlx-path", a_file / "out")
+    assert "cannot create /proc/nope/out" in convert_error(
+        "--hf-path", hf_checkpoint, "--mlx-path", "/proc/nope/out")
+
+
+def test_sigterm_cleans_up_like_ctrl_c(hf_checkpoint, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    real = converter.convert_item
+    calls = {"n": 0}
+
+    def terminated(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill -TERM` from outside would
+        yield from real(*args)
+
+    monkeypatch.setattr(converter, "convert_item", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        result = CliRunner().invoke(main, ["convert", "--hf-path", str(hf_checkpoint),
+                                           "--mlx-path", str(tmp_path / "out"),
+                                           "--group-size", "32"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 143 and "terminated" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_dead_conversions_are_removed(hf_checkpoint, tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = tmp_path / f".out.converting-{dead.pid}"
+    leftover.mkdir()
+    (leftover / "model-00001-of-00009.safetensors").write_bytes(b"half")
+    mlx_hermes_convert.convert(str(hf_checkpoint), str(tmp_path / "out"), group_size=32)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 @pytest.fixture

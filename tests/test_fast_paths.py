@@ -64,8 +64,9 @@ def test_dense_prefill_is_chosen_on_cuda_only(monkeypatch):
 
 @pytest.mark.parametrize("bits", [None, 4])
 def test_cpu_streams_give_identical_logits(hf_checkpoint, mlx_lm_quantized, monkeypatch, bits):
-    """The LM head split by rows and the k experts one per CPU stream compute
-    each output exactly as one stream does."""
+    """The LM head split by rows, the k experts one per CPU stream and a
+    prompt's sorted token-expert pairs in shares compute each output exactly
+    as one stream does."""
     from mlx_hermes import cpu
     from mlx_hermes.cache import make_cache
 
@@ -76,7 +77,7 @@ def test_cpu_streams_give_identical_logits(hf_checkpoint, mlx_lm_quantized, monk
     for enabled in (False, True):
         monkeypatch.setattr(cpu, "ENABLED", enabled)
         cache = make_cache(model)
-        first = model(mx.array([prompt(12, seed=3)]), cache=cache)
+        first = model(mx.array([prompt(40, seed=3)]), cache=cache)  # 80 pairs: sorted
         steps = [model(mx.array([[t]]), cache=cache) for t in (5, 77, 901)]
         outputs[enabled] = [np.array(first)] + [np.array(s) for s in steps]
     for plain, split in zip(outputs[False], outputs[True]):

@@ -111,3 +111,14 @@ def test_repo_id_without_connection(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     message = load_error("nobody/no-such-model")
     assert "nobody/no-such-model" in message
+
+
+def test_bfloat16_with_float_experts(tiny_model):
+    """MLX's CPU runs float experts in float32 only: a clear error at load there;
+    on a GPU the model runs in bfloat16, long prompts included."""
+    if mx.default_device() == mx.cpu:
+        with pytest.raises(HermesError, match="does not run on MLX's CPU"):
+            mlx_hermes.load(tiny_model, dtype="bfloat16")
+        return
+    model, tokenizer = mlx_hermes.load(tiny_model, dtype="bfloat16")
+    assert mlx_hermes.generate(model, tokenizer, "word " * 40, max_tokens=3) is not None

@@ -40,7 +40,7 @@ def tiny_bf16():
 
 
 def test_bytes_per_token_equals_a_hand_count(tiny_bf16):
-    # tiny: hidden 64, expert FFN 128, 2 layers, 4 heads over 2 kv heads (dim 16), 8 experts,
+    # tiny: hidden 64, expert FFN 128, 3 layers, 4 heads over 2 kv heads (dim 16), 8 experts,
     # top-2, vocab 32002; 4-bit weights, a bf16 scale and bias per 64 inputs.
     def linear(out, inp):
         return out * inp // 2 + 2 * 2 * out * (inp // 64)
@@ -49,8 +49,8 @@ def test_bytes_per_token_equals_a_hand_count(tiny_bf16):
     layer = dense + experts * 2 // 8
     head = linear(32002, 64)
     embedding_row = linear(32002, 64) // 32002
-    assert prof.bytes_per_token(tiny_bf16) == 2 * layer + 64 * 2 + head + embedding_row
-    assert prof.model_bytes(tiny_bf16) == 2 * (dense + experts) + 64 * 2 + 2 * head
+    assert prof.bytes_per_token(tiny_bf16) == 3 * layer + 64 * 2 + head + embedding_row
+    assert prof.model_bytes(tiny_bf16) == 3 * (dense + experts) + 64 * 2 + 2 * head
 
 
 def test_real_shape_at_4_bits_is_about_26_gb():
@@ -67,7 +67,7 @@ def test_synthetic_model_routes_over_many_experts(tiny_bf16):
         tiny_bf16(mx.array([list(range(100, 164))]))
     assert cuda_qmv.ENABLED
     counts = np.array([c.tolist() for c in counter.counts])
-    assert counts.shape == (2, 8) and (counts.sum(axis=1) == 64 * 2).all()
+    assert counts.shape == (3, 8) and (counts.sum(axis=1) == 64 * 2).all()
     assert (counts > 0).sum() >= 12  # not collapsed onto a few experts
 
 
@@ -90,26 +90,34 @@ def test_json_has_the_figures():
         assert key in out
     assert out["decode_tps"] > 0 and out["prompt_tps"] > 0
     assert len(out["mlx-hermes"]["decode_tps_trials"]) == 2  # each trial, then mean and spread
-    assert len(out["expert_counts"]) == 2 and len(out["expert_counts"][0]) == 8
+    assert len(out["expert_counts"]) == 3 and len(out["expert_counts"][0]) == 8
     assert out["bandwidth_gbs"] == pytest.approx(out["bytes_per_token"] * out["decode_tps"] / 1e9)
     assert out["roofline_fraction"] == pytest.approx(out["bandwidth_gbs"] /
                                                      out["peak_bandwidth_gbs"])
     assert not out["extrapolated"]
     assert "building" in result.stderr  # progress while the model is built
+    # then each phase and trial, with the time left once a run has been timed
+    for phase in ("warming up mlx-hermes", "warming up mlx-lm", "trial 1/2: mlx-hermes",
+                  "trial 2/2: mlx-lm", "counting the experts", "timing attention"):
+        assert f"profile: {phase}" in result.stderr
+    assert "trial 2/2: mlx-lm (about" in result.stderr and " left)" in result.stderr
+    # float32 scales on a CPU read more than a GPU's bf16 ones; both are given
+    if mx.default_device() == mx.cpu:
+        assert out["bytes_per_token_16bit"] < out["bytes_per_token"]
 
 
 def test_fewer_layers_extrapolate_to_the_full_model(tiny_bf16):
-    result = run("--synthetic", "tiny", "--layers", 1, "--prompt-tokens", 8, "--gen-tokens", 3,
+    result = run("--synthetic", "tiny", "--layers", 2, "--prompt-tokens", 8, "--gen-tokens", 3,
                  "--trials", 1, "--json")
     out = json.loads(result.stdout)
-    assert out["extrapolated"] and out["model_layers"] == 1 and out["full_layers"] == 2
+    assert out["extrapolated"] and out["model_layers"] == 2 and out["full_layers"] == 3
     # the CLI's dtype: float32 on the CPU, bf16 on a GPU
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     full = prof.bytes_per_token(prof.synthetic_model("tiny", dtype=dtype))
     assert out["bytes_per_token"] == full
-    table = run("--synthetic", "tiny", "--layers", 1, "--prompt-tokens", 8, "--gen-tokens", 3,
+    table = run("--synthetic", "tiny", "--layers", 2, "--prompt-tokens", 8, "--gen-tokens", 3,
                 "--trials", 1)
-    assert "extrapolated from 1 of 2 layers" in table.stdout
+    assert "extrapolated from 2 of 3 layers" in table.stdout
 
 
 def test_table_output():
@@ -158,7 +166,8 @@ def test_fit_advice_on_made_up_memory():
     ([], "give either --model or --synthetic"),
     (["--synthetic", "tiny", "--model", "x"], "give either --model or --synthetic"),
     (["--model", "x", "--layers", "2"], "--layers applies to --synthetic only"),
-    (["--synthetic", "tiny", "--layers", "5"], "--layers must be between 1 and 2"),
+    (["--synthetic", "tiny", "--layers", "5"], "--layers must be between 2 and 3"),
+    (["--synthetic", "tiny", "--layers", "1"], "--layers must be between 2 and 3"),
     (["--synthetic", "tiny", "--trials", "0"], "--trials >= 1"),
     (["--synthetic", "tiny", "--prompt-tokens", "40000"], "exceeds the context"),
     (["--synthetic", "huge"], "'huge' is not one of"),

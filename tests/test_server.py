@@ -82,6 +82,33 @@ def chat_ids(model, messages) -> list[int]:
 
 # ---- the real client libraries ---------------------------------------------------------------
 
+def test_every_route_builds_the_same_prompt(live, model):
+    """One conversation gives the same ids through ChatSession, the template,
+    /v1/chat/completions, /api/chat and /api/generate continuing from an
+    earlier reply's `context` (the reply's own sampled tokens apart)."""
+    from .test_tokenizer import CONVERSATION, IDS
+
+    client = ollama.Client(host=live.url)
+    options = {"num_predict": 6, "temperature": 0}
+    first = client.generate(model=NAME, prompt="Hi there", system="You are Hermes.",
+                            options=options)
+    second = client.generate(model=NAME, prompt="What is 2+2?", context=first.context,
+                             options=options)
+    session = mlx_hermes.ChatSession(*model, system="You are Hermes.", max_tokens=6, temp=0)
+    assert "".join(c.text for c in session.send("Hi there")) == first.response
+    expected = session.prompt_ids("What is 2+2?")
+    assert second.context[: len(expected)] == expected
+    assert expected[-18:] == IDS[True][-18:]  # the second user turn, literally
+
+    openai_client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused")
+    reply = openai_client.chat.completions.create(model=NAME, messages=CONVERSATION,
+                                                  max_tokens=2)
+    assert reply.usage.prompt_tokens == len(IDS[True])
+    chat = client.chat(model=NAME, messages=CONVERSATION, options={"num_predict": 2})
+    assert chat.prompt_eval_count <= len(IDS[True])  # what the prefix cache did not hold
+    assert chat_ids(model, CONVERSATION) == IDS[True]
+
+
 def test_openai_client_chat_and_completion(live, model):
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == [NAME]
