@@ -204,11 +204,16 @@ Converted by mlx-hermes on {s['date']} from `{s['source']}`.
 | recipe | {s['recipe']} (group size {s['group_size']}, scales in {s['dtype']}) |
 | bits | {s['bits']} |
 | bits per weight | {s['bits_per_weight']:.3f} |
-| size | {s['size_bytes'] / 1e9:.2f} GB |
+| size | {format_size(s['size_bytes'])} |
 
 Loads with `mlx_hermes.load` and with `mlx_lm.load`. Run it with
 `mlx-hermes chat --model <this folder>`.
 """
+
+
+def format_size(n: int) -> str:
+    """26.31 GB, or 5.7 MB for a small model (never "0.00 GB")."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -489,7 +489,7 @@ def convert(hf_path: str, mlx_path: str, bits: str, group_size: str, recipe: str
         summary = converter.convert(hf_path, mlx_path, bits=int(bits),
                                     group_size=int(group_size), recipe=recipe, dtype=dtype,
                                     force=force, progress=progress)
-    click.echo(f"wrote {mlx_path}: {summary['size_bytes'] / 1e9:.2f} GB, "
+    click.echo(f"wrote {mlx_path}: {converter.format_size(summary['size_bytes'])}, "
                f"{summary['bits_per_weight']:.3f} bits per weight "
                f"({recipe} {bits}-bit, group size {group_size}); "
                f"chat with it: mlx-hermes chat --model {mlx_path}")

@@ -105,7 +105,8 @@ def test_sharded_bf16_source_and_sharded_output(tiny_model, tmp_path, monkeypatc
     for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json",
                  "README.md", "config.json"):
         assert (out / name).exists()
-    assert "bits per weight" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "bits per weight" in card and " MB |" in card and "0.00 GB" not in card
     assert 4.4 < summary["bits_per_weight"] < 4.6  # 4 bits + bf16 scale and bias per 64
     model, tokenizer = mlx_hermes.load(out)
     ids = tokenizer.encode(PROMPT)
