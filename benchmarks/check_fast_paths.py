@@ -21,8 +21,10 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_hermes import moe  # noqa: E402
+from mlx_hermes import dense_prefill  # noqa: E402
 from mlx_hermes import profile as prof  # noqa: E402
+from mlx_hermes.moe import Experts  # noqa: E402
+from mlx_hermes.specialize import FastPaths  # noqa: E402
 from mlx_hermes.loader import quantize_like  # noqa: E402
 from mlx_hermes.model import Model  # noqa: E402
 
@@ -38,7 +40,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     args = ap.parse_args()
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-    model = prof.synthetic_model("8x7b", args.layers, 4, dtype=dtype)
+    model = prof.synthetic_model("8x7b", args.layers, 4, dtype=dtype, fast_paths=FastPaths.none())
     plain = Model(model.args)
     weights = dict(tree_flatten(model.checkpoint_parameters()))
     weights = {k: mx.contiguous(v) for k, v in weights.items()}
@@ -47,13 +49,16 @@ def main() -> None:
     twin = prof.mlx_lm_twin(model, dtype)
     tokens = mx.array([np.random.default_rng(0).integers(3, 32000, args.prompt_tokens).tolist()])
 
-    moe.DENSE_PREFILL = False
     portable = plain(tokens)
-    fused = model(tokens)
     reference = twin(tokens)
-    moe.DENSE_PREFILL = True
+    for layer in model.layers:  # the same experts, dense prefill or not
+        experts = layer.block_sparse_moe.switch_mlp
+        experts.__class__ = dense_prefill.DensePrefillExperts
+        experts.min_pairs = dense_prefill.DENSE_PREFILL_MIN_TOKENS * 2
     dense = model(tokens)
-    moe.DENSE_PREFILL = "auto"
+    for layer in model.layers:
+        layer.block_sparse_moe.switch_mlp.__class__ = Experts
+    fused = model(tokens)
     logits = np.array(portable.astype(mx.float32))
     out = {"device": str(mx.default_device()), "dtype": str(dtype), "layers": args.layers,
            "prompt_tokens": args.prompt_tokens,

@@ -65,15 +65,14 @@ def main() -> None:
     ap.add_argument("--no-qkv-fusion", action="store_true",
                     help="keep q, k and v as three matmuls (the layout before fusion.py)")
     args = ap.parse_args()
-    from mlx_hermes import cpu
     from mlx_hermes.model import Attention
 
-    cpu.ENABLED = not args.no_cpu_streams
     if args.no_qkv_fusion:
         Attention.fuse = lambda self: None
 
     path = build(args.workdir)
-    model, _ = mlx_hermes.load(path)
+    model, _ = mlx_hermes.load(path, fast_paths=mlx_hermes.FastPaths(
+        cpu_streams=not args.no_cpu_streams))
     chip = detect()
     chip.measured_gbs = measure_bandwidth()
     results = {}
@@ -87,7 +86,7 @@ def main() -> None:
               f"{r['speedup_vs_mlx_lm']['decode']:5.2f}x {r['prompt_tps']:13.1f} "
               f"{r['mlx-lm']['prompt_tps']:8.1f} {r['speedup_vs_mlx_lm']['prefill']:5.2f}x")
     print(json.dumps({"benchmark": "cpu_midsize", "machine": platform.platform(),
-                      "cpu_streams": cpu.ENABLED, "qkv_fusion": not args.no_qkv_fusion,
+                      "cpu_streams": not args.no_cpu_streams, "qkv_fusion": not args.no_qkv_fusion,
                       "chip": chip.name, **{k: {"decode_tps": r["decode_tps"],
                                                 "prompt_tps": r["prompt_tps"],
                                                 "mlx_lm": r["mlx-lm"],

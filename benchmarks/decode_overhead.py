@@ -89,7 +89,9 @@ def main() -> None:
 
     def use(name):
         m, kernel = paths[name]
-        cuda_qmv.ENABLED = kernel
+        if m is model:
+            for layer in model.layers:
+                cuda_qmv.with_kernels(layer.block_sparse_moe, kernel)
         return m
 
     for name in paths:  # compile, warm
@@ -102,7 +104,6 @@ def main() -> None:
     for name in paths:
         rows[name] = {"decode_tps": statistics.median(rows[name]["decode_tps"]),
                       **step_times(use(name), prompt), "ops": ops_per_step(use(name), prompt)}
-    cuda_qmv.ENABLED = True
 
     print(f"MLX settings: {settings or 'defaults'}")
     print(f"{'path':<27} {'decode tok/s':>12} {'build ms':>9} {'dispatch ms':>11} {'step ms':>8}"

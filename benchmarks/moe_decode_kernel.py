@@ -100,8 +100,7 @@ def main() -> None:
 
     outs = {}
     for enabled in (False, True):
-        cuda_qmv.ENABLED = enabled
-        outs[enabled] = blocks[0](x).astype(mx.float32)
+        outs[enabled] = cuda_qmv.with_kernels(blocks[0], enabled)(x).astype(mx.float32)
     err = (mx.abs(outs[True] - outs[False]).max() / mx.abs(outs[False]).max()).item()
     print(f"max rel error vs MLX's ops: {err:.2e}", flush=True)
     swept = []
@@ -121,14 +120,14 @@ def main() -> None:
     results = {}
     for _ in range(3):
         for name, enabled in (("gather_qmm", False), ("kernels", True)):
-            cuda_qmv.ENABLED = enabled
+            for b in blocks:
+                cuda_qmv.with_kernels(b, enabled)
             token()
             start = time.perf_counter()
             for _ in range(a.trials):
                 token()
             ms = (time.perf_counter() - start) / a.trials * 1e3
             results[name] = min(ms, results.get(name, 1e9))
-    cuda_qmv.ENABLED = True
     print(f"{'path':<11} {'ms/token (MoE blocks, all layers)':>34} {'GB/s':>7}")
     for path, ms in results.items():
         print(f"{path:<11} {ms:>34.2f} {per_token / ms / 1e6:>7.0f}")

@@ -26,8 +26,9 @@ from mlx_hermes import profile as prof
 from mlx_hermes.cache import make_cache
 mx.random.seed(0)
 dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+from mlx_hermes.specialize import FastPaths
 model = prof.synthetic_model({synthetic!r}, {layers!r}, {bits}, dtype=dtype,
-                             fuse={runtime!r} == "mlx-hermes")
+                             fast_paths=FastPaths() if {runtime!r} == "mlx-hermes" else None)
 weights = prof.model_bytes(model)
 if {runtime!r} == "mlx-lm":
     twin = prof.mlx_lm_twin(model, mx.bfloat16 if dtype == mx.bfloat16 else dtype)

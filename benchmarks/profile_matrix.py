@@ -42,11 +42,10 @@ def main() -> None:
     ap.add_argument("--no-cuda-kernels", action="store_true",
                     help="decode the experts with MLX's ops, not mlx_hermes/cuda_qmv.py's kernels")
     args = ap.parse_args()
-    from mlx_hermes import cuda_qmv, moe
+    from mlx_hermes.specialize import FastPaths
 
-    if args.no_levers:
-        moe.DENSE_PREFILL = False
-    cuda_qmv.ENABLED = not (args.no_cuda_kernels or args.no_levers)
+    # --no-levers: not even fused (None); --no-cuda-kernels: dense prefill still on
+    paths = None if args.no_levers else FastPaths(cuda_kernels=not args.no_cuda_kernels)
 
     chip = detect()
     if not chip.name.startswith("Apple"):
@@ -56,7 +55,7 @@ def main() -> None:
     for bits in args.bits:
         model = prof.synthetic_model(args.synthetic, args.layers, bits,
                                      dtype=mx.float32 if on_cpu else mx.bfloat16,
-                                     fuse=not args.no_levers)
+                                     fast_paths=paths)
         for prompt in args.prompts:
             r = prof.profile(model, chip, prompt, args.gen_tokens, args.trials,
                              compare_mlx_lm=True, mlx_lm_dtype=mx.bfloat16,

@@ -7,11 +7,13 @@ from .errors import HermesError
 from .generate import Chunk, generate, stream_generate
 from .loader import load
 from .model import Model, ModelArgs
+from .specialize import FastPaths
 from .tokenizer import Tokenizer
 
 __all__ = [
     "ChatSession",
     "Chunk",
+    "FastPaths",
     "HermesError",
     "Model",
     "ModelArgs",

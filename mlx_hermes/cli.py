@@ -89,24 +89,24 @@ def _check_options(options: dict) -> None:
     make_logits_processors(options["repetition_penalty"], options["repetition_context_size"])
 
 
-def _load(model: str, tokens: int, kv_bits: Optional[int]):
+_PORTABLE_HELP = ("run MLX's own ops only, as a Mac does: none of this machine's fast paths "
+                  "(CUDA kernels, dense prefill, CPU streams)")
+
+
+def _load(model: str, tokens: int, kv_bits: Optional[int], portable: bool = False):
     from . import distributed
     from .loader import load, resolve_model_path
     from .memory import check_fits
+    from .specialize import FastPaths
 
+    paths = FastPaths.none() if portable else FastPaths()
     path = resolve_model_path(model)
-    group = distributed.world() if _launched() else None
-    if group is None:
+    if not _launched():
         check_fits(path, tokens, kv_bits)
         click.echo(f"loading {model} ...", err=True)
-        return load(path)
-    # Under mlx.launch: this rank's slice of the model; only rank 0 talks.
-    distributed.start_watchdog(group)
-    if group.rank() != 0:
-        sys.stdout = open(os.devnull, "w")
-    _info(f"loading {model} across {group.size()} ranks ...")
-    with _bar("loading layers", group.rank() == 0) as update:
-        return distributed.load_sharded(path, group, progress=update)
+        return load(path, fast_paths=paths)
+    with _bar("loading layers", _rank0()) as update:
+        return distributed.load_launched(path, paths, progress=update)
 
 
 def _launched() -> bool:
@@ -151,9 +151,10 @@ def _stats_line(stats: dict) -> str:
 @click.option("--raw", is_flag=True, help="send the prompt verbatim, without the chat template")
 @click.option("--stop", multiple=True, help="stop at this string (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object at the end")
+@click.option("--portable", is_flag=True, help=_PORTABLE_HELP)
 @sampling_options
 def generate(model: str, prompt: str, system: Optional[str], raw: bool, stop: tuple,
-             as_json: bool, **options) -> None:
+             as_json: bool, portable: bool, **options) -> None:
     """Complete one prompt (a ChatML user turn unless --raw)."""
     from .generate import stream_generate
 
@@ -167,7 +168,8 @@ def generate(model: str, prompt: str, system: Optional[str], raw: bool, stop: tu
                           "(write the system text into the raw prompt instead)")
     _check_options(options)
     # A character is at least one token's worth of text: a safe upper bound.
-    model_obj, tokenizer = _load(model, len(prompt) + options["max_tokens"], options["kv_bits"])
+    model_obj, tokenizer = _load(model, len(prompt) + options["max_tokens"], options["kv_bits"],
+                                 portable)
     if raw:
         ids = tokenizer.encode(prompt)
     else:
@@ -204,13 +206,14 @@ CHAT_HELP = """commands:
 @main.command()
 @click.option("--model", "-m", required=True, help=_MODEL_HELP)
 @click.option("--system", "-s", default=None, help="system prompt")
+@click.option("--portable", is_flag=True, help=_PORTABLE_HELP)
 @sampling_options
-def chat(model: str, system: Optional[str], **options) -> None:
+def chat(model: str, system: Optional[str], portable: bool, **options) -> None:
     """Talk with the model in the terminal."""
     from .chat import ChatSession
 
     _check_options(options)
-    model_obj, tokenizer = _load(model, 8192, options["kv_bits"])
+    model_obj, tokenizer = _load(model, 8192, options["kv_bits"], portable)
     session = ChatSession(model_obj, tokenizer, system=system, **options)
     _repl(session)
 
@@ -373,15 +376,17 @@ def _reply(session, text: str) -> None:
 @click.option("--trials", type=int, default=3, show_default=True)
 @click.option("--compare-mlx-lm", is_flag=True, help="also time mlx-lm's Mixtral on the same weights")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--portable", is_flag=True, help=_PORTABLE_HELP)
 def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int], bits: str,
             group_size: str, prompt_tokens: int, gen_tokens: int, trials: int,
-            compare_mlx_lm: bool, as_json: bool) -> None:
+            compare_mlx_lm: bool, as_json: bool, portable: bool) -> None:
     """Tokens/s and memory bandwidth, against this machine's limit."""
     import mlx.core as mx
 
     from . import profile as prof
     from .chip import detect, measure_bandwidth
     from .memory import metal_working_set
+    from .specialize import FastPaths
 
     if (model is None) == (synthetic is None):
         raise HermesError("give either --model or --synthetic")
@@ -409,13 +414,14 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
         with _bar("building", True) as update:
             model_obj = prof.synthetic_model(
                 synthetic, layers, int(bits), int(group_size),
-                dtype=mx.float32 if on_cpu else mx.bfloat16, progress=update)
+                dtype=mx.float32 if on_cpu else mx.bfloat16, progress=update,
+                fast_paths=FastPaths.none() if portable else FastPaths())
         full_layers = full.num_hidden_layers
         checkpoint_dtype = mx.bfloat16  # what a converted checkpoint stores
     else:
         from .loader import to_dtype
 
-        model_obj, _ = _load(model, prompt_tokens + gen_tokens, None)
+        model_obj, _ = _load(model, prompt_tokens + gen_tokens, None, portable)
         full_layers = None
         checkpoint_dtype = to_dtype(model_obj.args.torch_dtype or "bfloat16")
     result = prof.profile(model_obj, chip, prompt_tokens, gen_tokens, trials,
@@ -515,10 +521,12 @@ def convert(hf_path: str, mlx_path: str, bits: str, group_size: str, recipe: str
               help="most tokens per request, prompt and reply [default: the model's]")
 @click.option("--prompt-cache-gb", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="memory for the KV caches of earlier requests (least recently used go first)")
+@click.option("--portable", is_flag=True, help=_PORTABLE_HELP)
 @functools.partial(sampling_options, max_tokens=None,
                    max_tokens_help="default most tokens per reply [default: to the context's end]")
 def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: Optional[str],
-          max_queue: int, max_context: Optional[int], prompt_cache_gb: float, **options) -> None:
+          max_queue: int, max_context: Optional[int], prompt_cache_gb: float, portable: bool,
+          **options) -> None:
     """Serve the model over OpenAI- and Ollama-compatible HTTP APIs."""
     from pathlib import Path
 
@@ -534,7 +542,7 @@ def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: 
     kv_bits = options.pop("kv_bits")
     _check_port(host, port)  # before a load that can take minutes
     path = resolve_model_path(model)
-    model_obj, tokenizer = _load(str(path), max_context or 32768, kv_bits)
+    model_obj, tokenizer = _load(str(path), max_context or 32768, kv_bits, portable)
     name = model_name or (model if not Path(model).expanduser().exists()
                           else Path(model).expanduser().resolve().name)
     app = create_app(model_obj, tokenizer, name=name, api_key=api_key, max_queue=max_queue,

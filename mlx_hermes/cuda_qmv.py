@@ -16,10 +16,11 @@ kernels ~2.1 TB/s (benchmarks/moe_decode_kernel.py --sweep). Decode is also
 bound by host work per op (benchmarks/decode_overhead.py), which the fusion
 cuts: a token is ~800 MLX ops instead of mlx-lm's ~1,600.
 
-It applies on CUDA only, to bf16 activations and 4-bit affine experts with
-gate and up fused (moe.Experts.fuse); everywhere else (Metal, CPU, other
-formats, prefill) MLX's own ops run, and the kernels are tested against them
-on the GPU machine (tests/test_fast_paths.py).
+`specialize` installs `KernelMoeBlock` on CUDA only, for bf16 activations
+and 4-bit affine experts with gate and up fused (moe.Experts.fuse);
+everywhere else (Metal, CPU, other formats, prefill) MLX's own ops run, and
+the kernels are tested against them on the GPU machine
+(tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-ENABLED = True  # False: MLX's own ops everywhere (benchmarks, tests compare both)
+from .moe import SORT_THRESHOLD, SparseMoeBlock
+
 # Output rows per warp of each kernel, threads per block. On an H100
 # (benchmarks/moe_decode_kernel.py --sweep) 2/2 and 4/4 were the best of 8
 # settings, 2% apart (one run); 8 rows, or 1 for down, were 10-15% slower.
@@ -207,17 +209,36 @@ def _kernel(name: str, inputs: list[str], output: str, source: str):
     return _kernels[name]
 
 
-def usable(block, x: mx.array) -> bool:
-    """Whether `block` (moe.SparseMoeBlock) can decode `x` [..., D] through the kernels."""
+def applies(block: SparseMoeBlock, dtype: mx.Dtype) -> bool:
+    """Whether `block` can decode activations of `dtype` through the kernels
+    (decided once, at load, by specialize)."""
     experts = block.switch_mlp
-    if not ENABLED or not _on_cuda() or "gate_up_proj" not in experts:
+    if "gate_up_proj" not in experts:
         return False
     gate_up, down = experts.gate_up_proj, experts.down_proj
-    return (x.dtype == mx.bfloat16 and _four_bit(gate_up) and _four_bit(down)
+    hidden = down.weight.shape[-2]
+    return (dtype == mx.bfloat16 and _four_bit(gate_up) and _four_bit(down)
             and gate_up.weight.shape[0] <= 64  # experts: a bit each in a 64-bit mask
             and gate_up.weight.shape[-2] // 2 % GATE_UP_ROWS == 0
-            and down.weight.shape[-2] % DOWN_ROWS == 0
-            and x.shape[-1] % 32 == 0 and down.weight.shape[-1] * 8 % 32 == 0)
+            and hidden % DOWN_ROWS == 0
+            and hidden % 32 == 0 and down.weight.shape[-1] * 8 % 32 == 0)
+
+
+class KernelMoeBlock(SparseMoeBlock):
+    """A MoE block that decodes (fewer than SORT_THRESHOLD token-expert pairs)
+    through the two kernels; prefill runs the portable block."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] * self.top_k < SORT_THRESHOLD:
+            return moe(x, self.switch_mlp, self.gate(x), self.top_k)  # [B, L, D]
+        return super().__call__(x)
+
+
+def with_kernels(block: SparseMoeBlock, on: bool) -> SparseMoeBlock:
+    """The same block with (on) or without the kernels: benchmarks and tests
+    compare both on one model."""
+    block.__class__ = KernelMoeBlock if on else SparseMoeBlock
+    return block
 
 
 def moe(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
@@ -252,6 +273,3 @@ def _four_bit(layer) -> bool:
             and getattr(layer, "mode", "affine") == "affine" and layer.group_size in (32, 64, 128)
             and layer.scales.dtype == mx.bfloat16)
 
-
-def _on_cuda() -> bool:
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()

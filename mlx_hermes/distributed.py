@@ -27,6 +27,8 @@ from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 from .errors import HermesError
 from .model import Model, ModelArgs
+from .moe import SparseMoeBlock
+from .specialize import FastPaths, install
 
 
 def world() -> Optional[mx.distributed.Group]:
@@ -93,19 +95,72 @@ def shard(model: Model, group: mx.distributed.Group) -> Model:
             shard_inplace(experts.gate_proj, "all-to-sharded", group=group)
             shard_inplace(experts.up_proj, "all-to-sharded", group=group)
         shard_inplace(experts.down_proj, "sharded-to-all", group=group)
-        layer.block_sparse_moe.group = group  # sums the experts' partial outputs
+        install(layer.block_sparse_moe, ShardedMoeBlock).group = group
     model.group = group
+    model.coordination = Coordination(group)
     return model
 
 
+class ShardedMoeBlock(SparseMoeBlock):
+    """A MoE block holding a slice of every expert: the ranks' partial outputs
+    are summed (`group` set when installed)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.distributed.all_sum(super().__call__(x), group=self.group)
+
+
+class Coordination:
+    """What generation does differently on a model split over ranks (generate
+    asks `model.coordination`, set by `shard`): every rank uses rank 0's
+    token, progress keeps the watchdog quiet, and a generation's last step
+    finishes before the next collectives start."""
+
+    def __init__(self, group: mx.distributed.Group):
+        self.group = group
+
+    def sampler(self, sampler: Callable) -> Callable:
+        return same_token_everywhere(sampler, self.group)
+
+    def progress(self, progress: Optional[Callable[[int, int], None]]) -> Callable:
+        def report(done: int, total: int) -> None:
+            beat()
+            if progress is not None:
+                progress(done, total)
+        return report
+
+    def finished(self, stream: mx.Stream) -> None:
+        # generate_step computes one token ahead on its own stream; that step's
+        # collectives must finish before any later ones start, or ranks would
+        # pair them differently.
+        mx.synchronize(stream)
+
+
+def load_launched(path: Union[str, Path], fast_paths: FastPaths = FastPaths(),
+                  progress: Optional[Callable] = None):
+    """Under mlx.launch: this rank's slice of the model, with the watchdog on;
+    only rank 0 talks (the others' standard output goes nowhere)."""
+    group = world()
+    if group is None:  # a launch of one
+        from .loader import load
+
+        return load(path, fast_paths=fast_paths)
+    start_watchdog(group)
+    if group.rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    else:
+        print(f"loading {path} across {group.size()} ranks ...", file=sys.stderr)
+    return load_sharded(path, group, progress=progress, fast_paths=fast_paths)
+
+
 def load_sharded(path: Union[str, Path], group: mx.distributed.Group,
-                 dtype: Optional[str] = None, progress: Optional[Callable] = None):
+                 dtype: Optional[str] = None, progress: Optional[Callable] = None,
+                 fast_paths: FastPaths = FastPaths()):
     """Load this rank's part of the model: the weights are opened lazily, split,
     and evaluated one layer at a time, so a rank never holds more than its
     part plus one layer's full tensors."""
     from .loader import load
 
-    model, tokenizer = load(path, dtype=dtype, lazy=True)
+    model, tokenizer = load(path, dtype=dtype, lazy=True, fast_paths=fast_paths)
     shard(model, group)
     mx.eval(model.model.embed_tokens.parameters(), model.model.norm.parameters())
     for i, layer in enumerate(model.layers):
@@ -118,13 +173,9 @@ def load_sharded(path: Union[str, Path], group: mx.distributed.Group,
     return model, tokenizer
 
 
-def same_token_everywhere(sampler: Callable, model: Model) -> Callable:
+def same_token_everywhere(sampler: Callable, group: mx.distributed.Group) -> Callable:
     """Every rank uses rank 0's token: with unseeded sampling the ranks' random
     states differ, and even seeded ones must never drift apart."""
-    group = getattr(model, "group", None)
-    if group is None:
-        return sampler
-
     def sample(logprobs: mx.array) -> mx.array:
         beat()
         token = sampler(logprobs)

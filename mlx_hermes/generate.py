@@ -16,7 +16,6 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream, wired_limit
 
 from .cache import make_cache
-from .distributed import beat, same_token_everywhere
 from .errors import HermesError
 from .model import Model
 from .sampling import make_logits_processors, make_sampler
@@ -76,8 +75,11 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
 
-    sampler = same_token_everywhere(
-        make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p), model)
+    sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    # a model split over several machines (distributed.shard) has its own rules
+    coordination = getattr(model, "coordination", None)
+    if coordination is not None:
+        sampler, progress = coordination.sampler(sampler), coordination.progress(progress)
     processors = make_logits_processors(repetition_penalty, repetition_context_size)
     processors += list(logits_processors or [])
     detokenizer = tokenizer.detokenizer
@@ -109,7 +111,7 @@ def stream_generate(
             logits_processors=processors or None,
             prompt_cache=cache,
             prefill_step_size=prefill_step_size,
-            prompt_progress_callback=_with_beat(progress),
+            prompt_progress_callback=progress,
         )
         try:
             for token, _ in steps:
@@ -134,20 +136,8 @@ def stream_generate(
                 yield Chunk(text, token)
         finally:
             steps.close()
-            if getattr(model, "group", None) is not None:
-                # generate_step computes one token ahead on its own stream; on
-                # a split model that step's collectives must finish before any
-                # later ones start, or ranks would pair them differently.
-                mx.synchronize(generation_stream)
-
-
-def _with_beat(progress: Optional[Callable[[int, int], None]]) -> Callable[[int, int], None]:
-    """Prefill progress also tells the distributed watchdog that work goes on."""
-    def report(done: int, total: int) -> None:
-        beat()
-        if progress is not None:
-            progress(done, total)
-    return report
+            if coordination is not None:
+                coordination.finished(generation_stream)
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, **options) -> str:

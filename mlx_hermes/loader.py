@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 
 from .errors import HermesError, first_line
 from .model import Model, ModelArgs
+from .specialize import FastPaths, specialize
 from .tokenizer import Tokenizer
 
 # What a model folder needs: config, weights, tokenizer (never .bin / .pt copies).
@@ -40,12 +41,15 @@ def load(
     path_or_repo: Union[str, Path],
     dtype: Optional[Union[str, mx.Dtype]] = None,
     lazy: bool = False,
+    fast_paths: FastPaths = FastPaths(),
 ) -> tuple[Model, Tokenizer]:
     """Load a Mixtral checkpoint and its tokenizer.
 
     dtype: the compute dtype. By default the checkpoint's own on a GPU, and
     float32 on the CPU, where MLX runs bf16/fp16 several times slower.
     lazy: leave weights on disk until first used.
+    fast_paths: which of this machine's fast paths to install
+    (`FastPaths.none()`: the portable model only, as a Mac runs it).
     """
     path = resolve_model_path(path_or_repo)
     config = read_config(path)
@@ -63,7 +67,7 @@ def load(
     }
     model.load_weights(list(weights.items()), strict=True)
     del weights
-    model.fuse()
+    specialize(model, fast_paths)
     if not lazy:
         mx.eval(model.parameters())
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
-from . import cpu, fusion
+from . import fusion
 from .errors import HermesError
 from .moe import SparseMoeBlock
 
@@ -209,7 +209,6 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.model = MixtralModel(args)
-        self.group = None  # set by distributed.shard
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -217,14 +216,15 @@ class Model(nn.Module):
         h = self.model(tokens, cache)  # [B, L, D]
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
-        return cpu.linear(self.lm_head, h)  # [B, L, V]
+        return self.lm_head(h)  # [B, L, V]
 
     @property
     def layers(self) -> list:
         return self.model.layers
 
     def fuse(self) -> None:
-        """Fast-path layout for running (Attention.fuse, Experts.fuse); call after loading."""
+        """q/k/v and gate/up as one matrix each (Attention.fuse, Experts.fuse):
+        a load step (specialize), after the checkpoint's weights are in."""
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.block_sparse_moe.switch_mlp.fuse()

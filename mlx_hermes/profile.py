@@ -22,12 +22,12 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.generate import generate_step
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from . import cuda_qmv
 from .cache import make_cache
 from .chip import Chip
 from .errors import HermesError
 from .model import Model, ModelArgs
 from .moe import SparseMoeBlock
+from .specialize import FastPaths, install, specialize
 
 GB = 1e9
 HERMES_8X7B = ModelArgs()  # the real checkpoint's shape
@@ -46,10 +46,11 @@ def _quantizable(_, module: nn.Module) -> bool:
 def synthetic_model(name: str, layers: Optional[int] = None, bits: int = 4,
                     group_size: int = 64, dtype: mx.Dtype = mx.bfloat16,
                     progress: Optional[Callable[[int, int], None]] = None,
-                    fuse: bool = True) -> Model:
+                    fast_paths: Optional[FastPaths] = FastPaths()) -> Model:
     """Random weights of the named shape, made directly in quantized form one
     layer at a time, so no full-precision copy ever exists. Random packed
-    weights route tokens about uniformly over the experts."""
+    weights route tokens about uniformly over the experts. Specialized for
+    this machine as a loaded model is (`fast_paths=None`: not even fused)."""
     if name not in SYNTHETIC:
         raise HermesError(f"unknown synthetic model {name!r}; use {' or '.join(SYNTHETIC)}")
     args = SYNTHETIC[name]
@@ -67,12 +68,14 @@ def synthetic_model(name: str, layers: Optional[int] = None, bits: int = 4,
     for i, part in enumerate(parts):
         part.update(tree_map_with_path(lambda path, p: _random_like(path, p, bits, dtype),
                                        part.parameters()))
-        if fuse and hasattr(part, "block_sparse_moe"):
-            part.self_attn.fuse()
+        if fast_paths is not None and hasattr(part, "block_sparse_moe"):
+            part.self_attn.fuse()  # now, so that the unfused halves can go
             part.block_sparse_moe.switch_mlp.fuse()
         mx.eval(part.parameters())
         if progress:
             progress(i + 1, len(parts))
+    if fast_paths is not None:
+        specialize(model, fast_paths)
     return model
 
 
@@ -173,36 +176,51 @@ def kv_per_token_kib(args: ModelArgs = HERMES_8X7B) -> int:
 
 # -- measuring --------------------------------------------------------------------
 
+class CountingRouter(nn.Module):
+    """A router (nn.Linear or QuantizedLinear) that also counts the top k
+    experts of each token it routes: the profile's histogram. Installed on
+    `block.gate` for a run, it sees every path, the CUDA kernels' included,
+    since all of them ask the router for their logits."""
+
+    tally: "_Tally"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        logits = super().__call__(x)  # [..., E]
+        self.tally.add(logits)
+        return logits
+
+
+class _Tally:
+    def __init__(self, experts: int, k: int):
+        self.k, self.experts = k, mx.arange(experts)
+        self.counts = mx.zeros((experts,), mx.int32)
+
+    def add(self, logits: mx.array) -> None:
+        top = mx.argpartition(-logits, kth=self.k - 1, axis=-1)[..., : self.k]  # [..., k]
+        hits = (top[..., None] == self.experts).sum(axis=tuple(range(top.ndim)))
+        self.counts = self.counts + hits.astype(mx.int32)
+
+
 class _ExpertCounter:
-    """Counts the experts each MoE block routes to, while it is installed.
-    The CUDA decode kernels route inside themselves, so they are off meanwhile."""
+    """Counts the experts each MoE block routes to, while it is installed."""
 
     def __init__(self, model: Model):
-        self.blocks = [layer.block_sparse_moe for layer in model.layers]
-        self.counts = [mx.zeros((b.switch_mlp.down_proj.weight.shape[0],), mx.int32)
-                       for b in self.blocks]
+        self.routers = [layer.block_sparse_moe.gate for layer in model.layers]
+        self.k = model.args.num_experts_per_tok
 
     def __enter__(self):
-        self.kernels, cuda_qmv.ENABLED = cuda_qmv.ENABLED, False
-        for i, block in enumerate(self.blocks):
-            block.route = self._counting(i, block)
+        self.classes = [type(r) for r in self.routers]
+        for router in self.routers:
+            install(router, CountingRouter).tally = _Tally(router.weight.shape[0], self.k)
         return self
 
     def __exit__(self, *exc):
-        cuda_qmv.ENABLED = self.kernels
-        for block in self.blocks:
-            del block.route  # back to the class's method
+        for router, cls in zip(self.routers, self.classes):
+            router.__class__ = cls
 
-    def _counting(self, i: int, block: SparseMoeBlock):
-        route = SparseMoeBlock.route.__get__(block)
-        experts = mx.arange(self.counts[i].shape[0])
-
-        def counting(x):
-            indices, weights = route(x)
-            self.counts[i] = self.counts[i] + (indices[..., None] == experts).sum(
-                axis=tuple(range(indices.ndim))).astype(mx.int32)
-            return indices, weights
-        return counting
+    @property
+    def counts(self) -> list[mx.array]:
+        return [r.tally.counts for r in self.routers]
 
 
 def time_generation(model: nn.Module, prompt: list[int], gen_tokens: int,

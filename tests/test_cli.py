@@ -111,6 +111,12 @@ def test_chat_in_process(tiny_model, tmp_path):
     assert saved.exists()
 
 
+def test_portable_gives_the_same_tokens(tiny_model):
+    args = ["generate", "-m", str(tiny_model), "-p", "Hello", "--temp", "0", "-n", "8", "--json"]
+    fast, portable = (json.loads(run(*args, *extra).stdout) for extra in ([], ["--portable"]))
+    assert fast["tokens"] == portable["tokens"]
+
+
 def test_every_documented_option_runs_on_the_tiny_model(tiny_model):
     for bits in ("4", "8"):
         result = run("generate", "-m", str(tiny_model), "-p", "Hello", "-n", "4",

@@ -1,4 +1,5 @@
-"""Each fast path against the portable path it replaces, on the CPU."""
+"""Each fast path against the portable path it replaces (the CPU's here, CUDA's on
+the GPU machine), and where specialize installs them."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_hermes
-from mlx_hermes import moe
+from mlx_hermes import dense_prefill
 from mlx_hermes.model import Model
+from mlx_hermes.moe import SparseMoeBlock
+from mlx_hermes.specialize import FastPaths, install, specialize
 
 from .test_model import assert_close, prompt
 
@@ -40,30 +43,51 @@ def test_fused_projections_equal_separate_ones(hf_checkpoint, mlx_lm_quantized, 
         assert_close(np.array(model(tokens)), np.array(plain(tokens)), rel=1e-5)
 
 
-@pytest.mark.parametrize("bits,chunk", [(None, None), (4, None), (4, 3000)])
-def test_dense_prefill_equals_gather_qmm(hf_checkpoint, mlx_lm_quantized, monkeypatch, bits,
-                                         chunk):
-    # float experts have nothing to dequantize and must take their usual path;
+@pytest.mark.parametrize("bits,chunk", [(4, None), (4, 3000)])
+def test_dense_prefill_equals_gather_qmm(mlx_lm_quantized, monkeypatch, bits, chunk):
     # chunk: a few rows of float experts at a time, as the full-size model does
-    model, _ = mlx_hermes.load(hf_checkpoint if bits is None else mlx_lm_quantized(bits, 32))
-    tokens = mx.array([prompt(moe.DENSE_PREFILL_MIN_TOKENS + 16, seed=11)])
-    monkeypatch.setattr(moe, "DENSE_PREFILL", False)
+    model, _ = mlx_hermes.load(mlx_lm_quantized(bits, 32), fast_paths=FastPaths.none())
+    tokens = mx.array([prompt(dense_prefill.DENSE_PREFILL_MIN_TOKENS + 16, seed=11)])
     portable = np.array(model(tokens))
-    monkeypatch.setattr(moe, "DENSE_PREFILL", True)
+    for layer in model.layers:
+        experts = layer.block_sparse_moe.switch_mlp
+        assert dense_prefill.applies(experts)
+        install(experts, dense_prefill.DensePrefillExperts).min_pairs = 64
     if chunk:
-        monkeypatch.setattr(moe, "DENSE_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(dense_prefill, "DENSE_CHUNK_BYTES", chunk)
     dense = np.array(model(tokens))
     assert_close(dense, portable, rel=1e-4)
 
 
-def test_dense_prefill_is_chosen_on_cuda_only(monkeypatch):
-    monkeypatch.setattr(moe, "DENSE_PREFILL", "auto")
+def test_float_experts_have_nothing_to_dequantize(loaded):
+    model, _ = loaded()
+    assert not dense_prefill.applies(model.layers[0].block_sparse_moe.switch_mlp)
+
+
+def test_each_fast_path_is_installed_where_it_applies_only(mlx_lm_quantized):
+    """specialize decides once, at load, from the device: CUDA's paths on CUDA,
+    the CPU's on a CPU with several cores, nothing with FastPaths.none()."""
+    from mlx_hermes import cpu
+
+    path = mlx_lm_quantized(4, 32)
+    model, _ = mlx_hermes.load(path, lazy=True, fast_paths=FastPaths.none())
+    assert specialize(model, FastPaths.none()) == []
+    model, _ = mlx_hermes.load(path, lazy=True, fast_paths=FastPaths.none())
+    installed = specialize(model)
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
-    assert moe.dense_prefill_enabled() == on_cuda
+    assert ("dense-prefill" in installed) == on_cuda
+    multicore_cpu = mx.default_device() == mx.cpu and len(cpu.streams()) > 1
+    assert ("cpu-experts" in installed) == multicore_cpu
+    if multicore_cpu:
+        assert isinstance(model.layers[0].block_sparse_moe.switch_mlp, cpu.StreamedExperts)
+        assert isinstance(model.lm_head, cpu.RowSplitLinear)
+    model, _ = mlx_hermes.load(path, lazy=True, fast_paths=FastPaths.none())
+    assert specialize(model, device=mx.cpu) == (["cpu-lm-head", "cpu-experts"]
+                                                if len(cpu.streams()) > 1 else [])
 
 
 @pytest.mark.parametrize("bits", [None, 4])
-def test_cpu_streams_give_identical_logits(hf_checkpoint, mlx_lm_quantized, monkeypatch, bits):
+def test_cpu_streams_give_identical_logits(hf_checkpoint, mlx_lm_quantized, bits):
     """The LM head split by rows, the k experts one per CPU stream and a
     prompt's sorted token-expert pairs in shares compute each output exactly
     as one stream does."""
@@ -72,14 +96,16 @@ def test_cpu_streams_give_identical_logits(hf_checkpoint, mlx_lm_quantized, monk
 
     if len(cpu.streams()) < 2:
         pytest.skip("needs a CPU with two or more cores")  # CI has 2
-    model, _ = mlx_hermes.load(hf_checkpoint if bits is None else mlx_lm_quantized(bits, 32))
+    path = hf_checkpoint if bits is None else mlx_lm_quantized(bits, 32)
     outputs = {}
-    for enabled in (False, True):
-        monkeypatch.setattr(cpu, "ENABLED", enabled)
+    for paths in (FastPaths.none(), FastPaths()):
+        model, _ = mlx_hermes.load(path, fast_paths=paths)
+        assert isinstance(model.layers[0].block_sparse_moe.switch_mlp, cpu.StreamedExperts) == (
+            paths.cpu_streams and mx.default_device() == mx.cpu)
         cache = make_cache(model)
         first = model(mx.array([prompt(40, seed=3)]), cache=cache)  # 80 pairs: sorted
         steps = [model(mx.array([[t]]), cache=cache) for t in (5, 77, 901)]
-        outputs[enabled] = [np.array(first)] + [np.array(s) for s in steps]
+        outputs[paths.cpu_streams] = [np.array(first)] + [np.array(s) for s in steps]
     for plain, split in zip(outputs[False], outputs[True]):
         assert np.array_equal(plain, split)
 
@@ -101,7 +127,8 @@ def test_cuda_decode_kernel_equals_gather_qmm(monkeypatch, rows, experts, k):
     monkeypatch.setattr(cuda_qmv, "DOWN_ROWS", rows[1])
     monkeypatch.setitem(prof.SYNTHETIC, "tiny", replace(prof.TINY, num_local_experts=experts,
                                                          num_experts_per_tok=k))
-    model = prof.synthetic_model("tiny", bits=4, group_size=32, dtype=mx.bfloat16)
+    model = prof.synthetic_model("tiny", bits=4, group_size=32, dtype=mx.bfloat16,
+                                 fast_paths=FastPaths.none())
     for layer in model.layers:
         # A float32 router: bf16 logits often tie exactly (8 bits of mantissa), and
         # a tie at the k-th place may go either way in either path.
@@ -110,11 +137,12 @@ def test_cuda_decode_kernel_equals_gather_qmm(monkeypatch, rows, experts, k):
         router.weight = mx.dequantize(gate.weight, gate.scales, gate.biases, gate.group_size,
                                       gate.bits).astype(mx.float32)
         layer.block_sparse_moe.gate = router
-    block = model.layers[0].block_sparse_moe
-    assert cuda_qmv.usable(block, mx.zeros((1, 1, model.args.hidden_size), mx.bfloat16))
+    assert all(cuda_qmv.applies(layer.block_sparse_moe, mx.bfloat16) for layer in model.layers)
     outputs = {}
     for enabled in (False, True):
-        monkeypatch.setattr(cuda_qmv, "ENABLED", enabled)
+        for layer in model.layers:
+            block = layer.block_sparse_moe
+            block.__class__ = cuda_qmv.KernelMoeBlock if enabled else SparseMoeBlock
         cache = make_cache(model)
         steps = [model(mx.array([prompt(5, seed=1)]), cache=cache)[:, -1]]
         steps += [model(mx.array([[t]]), cache=cache)[:, -1] for t in (7, 300, 4000)]

@@ -60,15 +60,14 @@ def test_real_shape_at_4_bits_is_about_26_gb():
 
 
 def test_synthetic_model_routes_over_many_experts(tiny_bf16):
-    from mlx_hermes import cuda_qmv
-
+    router_class = type(tiny_bf16.layers[0].block_sparse_moe.gate)
     with prof._ExpertCounter(tiny_bf16) as counter:
-        assert not cuda_qmv.ENABLED  # they route inside themselves, uncounted
-        tiny_bf16(mx.array([list(range(100, 164))]))
-    assert cuda_qmv.ENABLED
+        tiny_bf16(mx.array([list(range(100, 164))]))  # a prompt
+        tiny_bf16(mx.array([[7]]))  # and a decoded token (CUDA: through the kernels)
     counts = np.array([c.tolist() for c in counter.counts])
-    assert counts.shape == (3, 8) and (counts.sum(axis=1) == 64 * 2).all()
+    assert counts.shape == (3, 8) and (counts.sum(axis=1) == 65 * 2).all()
     assert (counts > 0).sum() >= 12  # not collapsed onto a few experts
+    assert type(tiny_bf16.layers[0].block_sparse_moe.gate) is router_class  # uninstalled
 
 
 def test_mlx_lm_twin_computes_the_same_logits():

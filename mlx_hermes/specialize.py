@@ -1,0 +1,94 @@
+"""What this machine runs faster than the portable model, installed once at load.
+
+The model (model.py, moe.py) is the portable one: MLX's own ops, the same on
+Metal, CUDA and the CPU. `specialize` looks at the device once and swaps in
+modules that do the same work faster here, each a subclass of the portable
+module with the same interface and the same parameters (so a test runs both
+side by side, and a checkpoint saved from either is the same):
+
+- on a CPU with several cores (cpu.py): the LM head split by rows, and the
+  experts spread over one CPU stream per core (results bit-identical);
+- on CUDA: the MoE blocks' decoding through two fused kernels (cuda_qmv.py),
+  and long prefills through dequantized float experts (dense_prefill.py).
+
+Before that, q/k/v and gate/up are joined into one matrix each (fusion.py):
+a layout change every backend gains from. On Metal nothing else is installed:
+the portable path is what a Mac runs. `FastPaths.none()` (`--portable` on the
+command line) keeps the portable modules everywhere. Inside an installed
+module only the shape decides per call (decode or prefill, tokens per expert).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import cpu, cuda_qmv, dense_prefill
+from .model import Model
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which fast paths may be installed where they apply."""
+
+    cpu_streams: bool = True  # every core of a CPU
+    cuda_kernels: bool = True  # fused decode kernels for the experts (CUDA)
+    dense_prefill: bool = True  # dequantized experts for long prompts (CUDA)
+
+    @classmethod
+    def none(cls) -> "FastPaths":
+        """The portable model only (what a Mac runs), on any machine."""
+        return cls(**{f.name: False for f in fields(cls)})
+
+
+def specialize(model: Model, paths: FastPaths = FastPaths(),
+               device: mx.Device | None = None) -> list[str]:
+    """Fuse the model's projections and install the fast paths `paths` allows
+    on `device` (default: MLX's default device). Returns what was installed."""
+    model.fuse()
+    device = device or mx.default_device()
+    installed = []
+    if device == mx.cpu and paths.cpu_streams and len(cpu.streams()) > 1:
+        streams = cpu.streams()
+        if not model.args.tie_word_embeddings and cpu.RowSplitLinear.applies(model.lm_head,
+                                                                             streams):
+            install(model.lm_head, cpu.RowSplitLinear).streams = streams
+            installed.append("cpu-lm-head")
+        for layer in model.layers:
+            install(layer.block_sparse_moe.switch_mlp, cpu.StreamedExperts).streams = streams
+        installed.append("cpu-experts")
+    on_cuda = device == mx.gpu and mx.cuda.is_available()
+    if on_cuda and paths.dense_prefill:
+        for layer in model.layers:
+            block = layer.block_sparse_moe
+            if dense_prefill.applies(block.switch_mlp):
+                install(block.switch_mlp, dense_prefill.DensePrefillExperts).min_pairs = (
+                    dense_prefill.DENSE_PREFILL_MIN_TOKENS * block.top_k)
+                installed.append("dense-prefill")
+    if on_cuda and paths.cuda_kernels:
+        dtype = model.model.norm.weight.dtype
+        for layer in model.layers:
+            if cuda_qmv.applies(layer.block_sparse_moe, dtype):
+                install(layer.block_sparse_moe, cuda_qmv.KernelMoeBlock)
+                installed.append("cuda-kernels")
+    return list(dict.fromkeys(installed))
+
+
+def install(module: nn.Module, cls: type) -> nn.Module:
+    """Make `module` a `cls` (a subclass of its portable class), keeping its
+    parameters; on a module swapped already, `cls` goes on top of that one.
+    Setting `module.__class__` back undoes it."""
+    module.__class__ = _combined(cls, type(module))
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _combined(cls: type, current: type) -> type:
+    if issubclass(current, cls):
+        return current
+    if current in cls.__mro__:  # the portable class cls derives from
+        return cls
+    return type(f"{cls.__name__}+{current.__name__}", (cls, current), {})
