@@ -53,8 +53,14 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlx-hermes")
-def main() -> None:
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="warning", show_default=True,
+              help="what goes to the log on stderr (a failed request logs its traceback)")
+def main(log_level: str) -> None:
     """Run Nous Hermes 2 Mixtral 8x7B with MLX."""
+    import logging
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
 
 def sampling_options(command: Callable, max_tokens: Optional[int] = 512,
@@ -79,14 +85,15 @@ def sampling_options(command: Callable, max_tokens: Optional[int] = 512,
     return command
 
 
-def _check_options(options: dict) -> None:
-    """Reject bad sampling options before spending time on loading."""
-    from .sampling import make_logits_processors, make_sampler
+def _sampling(options: dict) -> tuple:
+    """The sampling options as SamplingParams (checked before the slow load),
+    and the other options."""
+    from .sampling import SamplingParams
 
-    if options["max_tokens"] < 1:
-        raise HermesError(f"--max-tokens must be at least 1, got {options['max_tokens']}")
-    make_sampler(options["temp"], options["top_p"], options["top_k"], options["min_p"])
-    make_logits_processors(options["repetition_penalty"], options["repetition_context_size"])
+    max_tokens = options.get("max_tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise HermesError(f"--max-tokens must be at least 1, got {max_tokens}")
+    return SamplingParams.pick(options)
 
 
 _PORTABLE_HELP = ("run MLX's own ops only, as a Mac does: none of this machine's fast paths "
@@ -166,7 +173,7 @@ def generate(model: str, prompt: str, system: Optional[str], raw: bool, stop: tu
     if raw and system is not None:
         raise HermesError("--system needs the chat template: it cannot go with --raw "
                           "(write the system text into the raw prompt instead)")
-    _check_options(options)
+    sampling, options = _sampling(options)
     # A character is at least one token's worth of text: a safe upper bound.
     model_obj, tokenizer = _load(model, len(prompt) + options["max_tokens"], options["kv_bits"],
                                  portable)
@@ -177,7 +184,7 @@ def generate(model: str, prompt: str, system: Optional[str], raw: bool, stop: tu
         ids = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
 
     text, tokens, last = [], [], None
-    for chunk in stream_generate(model_obj, tokenizer, ids, stop=stop,
+    for chunk in stream_generate(model_obj, tokenizer, ids, sampling=sampling, stop=stop,
                                  progress=_prefill_progress, **options):
         tokens.append(chunk.token)
         text.append(chunk.text)
@@ -212,9 +219,9 @@ def chat(model: str, system: Optional[str], portable: bool, **options) -> None:
     """Talk with the model in the terminal."""
     from .chat import ChatSession
 
-    _check_options(options)
+    sampling, options = _sampling(options)
     model_obj, tokenizer = _load(model, 8192, options["kv_bits"], portable)
-    session = ChatSession(model_obj, tokenizer, system=system, **options)
+    session = ChatSession(model_obj, tokenizer, system=system, sampling=sampling, **options)
     _repl(session)
 
 
@@ -536,9 +543,7 @@ def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: 
     if _launched():
         raise HermesError("serve runs on one machine; under mlx.launch use generate, chat or "
                           "profile")
-    if options["max_tokens"] is not None and options["max_tokens"] < 1:
-        raise HermesError(f"--max-tokens must be at least 1, got {options['max_tokens']}")
-    _check_options({**options, "max_tokens": options["max_tokens"] or 1})
+    _sampling(options)  # checked now; the server applies them per request
     kv_bits = options.pop("kv_bits")
     _check_port(host, port)  # before a load that can take minutes
     path = resolve_model_path(model)

@@ -14,6 +14,7 @@ once ran a Mac out of memory (mlx-lm #883).
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -27,6 +28,9 @@ from .errors import HermesError, first_line
 from .generate import Chunk, stream_generate
 from .model import Model
 from .tokenizer import Tokenizer
+
+
+log = logging.getLogger(__name__)
 
 
 class Busy(HermesError):
@@ -117,13 +121,14 @@ class Engine:
             with self._lock:
                 self._waiting -= 1
             if job.cancelled.is_set():
-                job.sink(Failed("cancelled before it started"))
+                _deliver(job, Failed("cancelled before it started"))
                 continue
             self.active = job
             try:
                 self._generate(job)
             except Exception as e:  # a request must never take the server down
-                job.sink(Failed(first_line(e)))
+                log.exception("request failed: %s", first_line(e))
+                _deliver(job, Failed(first_line(e)))
             finally:
                 self.active = None
 
@@ -144,7 +149,8 @@ class Engine:
             for chunk in chunks:
                 first = first or time.perf_counter()
                 generated.append(chunk.token)
-                job.sink(chunk)
+                if not _deliver(job, chunk):
+                    break
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
                 if job.cancelled.is_set():
@@ -157,4 +163,18 @@ class Engine:
                 self.prompt_cache.insert_cache("model", known[:keep], cache)
         end = time.perf_counter()
         first = first or end
-        job.sink(Done(finish, len(ids), cached, len(generated), first - start, end - first, known))
+        _deliver(job, Done(finish, len(ids), cached, len(generated), first - start, end - first,
+                           known))
+
+
+def _deliver(job: Job, event: Event) -> bool:
+    """Hand an event to the job's sink. A sink that raises (its client's
+    connection broke in a way nobody foresaw) cancels its job and is logged;
+    the worker, and every other request, carries on. False if it raised."""
+    try:
+        job.sink(event)
+        return True
+    except Exception:
+        log.exception("a request's event sink failed; its generation stops")
+        job.cancel()
+        return False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream, wired_limit
@@ -18,7 +18,7 @@ from mlx_lm.generate import generate_step, generation_stream, wired_limit
 from .cache import make_cache
 from .errors import HermesError
 from .model import Model
-from .sampling import make_logits_processors, make_sampler
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -45,25 +45,30 @@ def stream_generate(
     prompt: Prompt,
     *,
     max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: Optional[float] = None,
-    repetition_context_size: int = 20,
-    seed: Optional[int] = None,
+    sampling: Optional[SamplingParams] = None,
     stop: Optional[Iterable[str]] = None,
     logits_processors: Optional[list[Callable]] = None,
     kv_bits: Optional[int] = None,
     cache: Optional[list] = None,
     prefill_step_size: int = 2048,
     progress: Optional[Callable[[int, int], None]] = None,
+    **sampling_options: Any,
 ) -> Iterator[Chunk]:
     """Generate from `prompt`: raw text (tokenized as is, with one BOS) or
     token ids (used as given; build chat prompts with
-    `tokenizer.apply_chat_template`). Pass `cache` (from `make_cache`) to
-    continue where an earlier call left off: the prompt then holds only the
-    new tokens. `progress(done, total)` is called during prefill."""
+    `tokenizer.apply_chat_template`). Sampling is `sampling`, or its fields
+    as keywords (`temp=0.7, top_p=0.9, seed=1`, ...; greedy by default).
+    Pass `cache` (from `make_cache`) to continue where an earlier call left
+    off: the prompt then holds only the new tokens. `progress(done, total)`
+    is called during prefill."""
+    if sampling is None:
+        unknown = set(sampling_options) - set(SamplingParams.names())
+        if unknown:
+            raise HermesError(f"unknown option {sorted(unknown)[0]!r}")
+        sampling = SamplingParams(**{k: v for k, v in sampling_options.items()
+                                     if v is not None})
+    elif sampling_options:
+        raise HermesError("give sampling options either as `sampling` or as keywords")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids or (isinstance(prompt, str) and not prompt):
         raise HermesError("the prompt is empty")
@@ -72,16 +77,13 @@ def stream_generate(
     if cache is None:
         cache = make_cache(model, kv_bits)
     check_context(model, cache[0].offset + len(ids), max_tokens)
-    if seed is not None:
-        mx.random.seed(seed)
 
-    sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    sampler = sampling.sampler()
     # a model split over several machines (distributed.shard) has its own rules
     coordination = getattr(model, "coordination", None)
     if coordination is not None:
         sampler, progress = coordination.sampler(sampler), coordination.progress(progress)
-    processors = make_logits_processors(repetition_penalty, repetition_context_size)
-    processors += list(logits_processors or [])
+    processors = sampling.logits_processors() + list(logits_processors or [])
     detokenizer = tokenizer.detokenizer
     stops = StopStrings(stop or ())
     eos = tokenizer.eos_token_ids

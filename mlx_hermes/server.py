@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import hashlib
 import json
 import secrets
@@ -23,7 +24,6 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from mlx_lm.sample_utils import make_logits_processors as _penalties
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -32,8 +32,11 @@ from .engine import Busy, Done, Engine, Failed
 from .errors import HermesError
 from .generate import Chunk
 from .model import Model
-from .sampling import make_logits_processors, make_sampler
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -174,6 +177,7 @@ def create_app(model: Model, tokenizer: Tokenizer, *, name: str, api_key: Option
         return _error(request, exc.status_code, str(exc.detail), "not_found")
 
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _error(request, 500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     app.add_exception_handler(ApiError, api_error)
@@ -255,20 +259,13 @@ class _Server:
             max_tokens = room
         opts = {k: v for k, v in self.defaults.items() if k != "max_tokens"}
         opts.update({k: v for k, v in given.items() if v is not None})
-        presence, frequency = opts.pop("presence_penalty", None), opts.pop("frequency_penalty", None)
-        stop = opts.get("stop")
-        opts["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
         try:
-            make_sampler(opts.get("temp", 0.0), opts.get("top_p", 1.0), opts.get("top_k", 0),
-                         opts.get("min_p", 0.0))
-            make_logits_processors(opts.get("repetition_penalty"),
-                                   opts.get("repetition_context_size", 20))
+            sampling, rest = SamplingParams.pick(opts)
         except HermesError as e:
             raise ApiError(400, str(e)) from None
-        if presence or frequency:
-            opts["logits_processors"] = _penalties(presence_penalty=presence or None,
-                                                   frequency_penalty=frequency or None)
-        return {**opts, "max_tokens": max_tokens}
+        stop = rest.get("stop")
+        return {"sampling": sampling, "stop": [stop] if isinstance(stop, str) else list(stop or []),
+                "max_tokens": max_tokens}
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         for m in messages:

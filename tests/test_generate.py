@@ -9,7 +9,7 @@ import pytest
 import mlx_hermes
 from mlx_hermes import HermesError, generate, stream_generate
 from mlx_hermes.generate import StopStrings
-from mlx_hermes.sampling import make_sampler
+from mlx_hermes.sampling import SamplingParams
 
 
 def forcing(tokens: list[int]):
@@ -127,23 +127,51 @@ def test_max_tokens_and_stats(loaded):
 def test_sampling_filters_shape_the_distribution():
     logprobs = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
 
-    def draws(sampler, n=300):
-        mx.random.seed(0)
+    def draws(n=300, **options):
+        sampler = SamplingParams(seed=0, **options).sampler()
         return {sampler(logprobs).item() for _ in range(n)}
 
-    assert draws(make_sampler(temp=1.0)) == {0, 1, 2, 3}
-    assert draws(make_sampler(temp=1.0, top_k=2)) == {0, 1}
-    assert draws(make_sampler(temp=1.0, top_p=0.7)) <= {0, 1}
-    assert draws(make_sampler(temp=1.0, min_p=0.5)) == {0, 1}  # 0.15 < 0.5 * 0.5
-    assert draws(make_sampler(temp=0.0)) == {0}
+    assert draws(temp=1.0) == {0, 1, 2, 3}
+    assert draws(temp=1.0, top_k=2) == {0, 1}
+    assert draws(temp=1.0, top_p=0.7) <= {0, 1}
+    assert draws(temp=1.0, min_p=0.5) == {0, 1}  # 0.15 < 0.5 * 0.5
+    assert draws(temp=0.0) == {0}
+
+
+def test_a_seed_belongs_to_its_request(loaded):
+    """A seeded request repeats exactly, and leaves MLX's global generator
+    alone: later unseeded requests do not repeat each other."""
+    model, tokenizer = loaded()
+
+    def tokens(**options):
+        return [c.token for c in stream_generate(model, tokenizer, "Once upon", max_tokens=20,
+                                                 temp=1.0, **options)]
+    mx.random.seed(3)
+    seeded = tokens(seed=7)
+    global_state = mx.random.state[0].tolist()
+    unseeded = [tokens(), tokens()]
+    assert seeded == tokens(seed=7) and unseeded[0] != unseeded[1]
+    assert mx.random.state[0].tolist() == global_state  # never drawn from
+
+    sampling = SamplingParams(temp=1.0, seed=7)
+    assert [c.token for c in stream_generate(model, tokenizer, "Once upon", max_tokens=20,
+                                             sampling=sampling)] == seeded
+
+
+def test_every_sampling_option_is_checked():
+    for bad, message in [({"temp": -1}, "temp"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
+                         ({"min_p": 1}, "min_p"), ({"repetition_penalty": 0}, "repetition"),
+                         ({"presence_penalty": 3}, "presence"),
+                         ({"frequency_penalty": -3}, "frequency")]:
+        with pytest.raises(HermesError, match=message):
+            SamplingParams(**bad)
 
 
 def test_repetition_penalty_scales_the_logits_of_recent_tokens():
     """mlx-lm's rule: a recent token's logit is divided by the penalty if
     positive, multiplied if negative; other tokens keep theirs."""
-    from mlx_hermes.sampling import make_logits_processors
-
-    (penalty,) = make_logits_processors(2.0, 3)
+    (penalty,) = SamplingParams(repetition_penalty=2.0, repetition_context_size=3) \
+        .logits_processors()
     logits = mx.array([[4.0, -4.0, 1.0, 3.0, -1.0]])
     out = penalty(mx.array([3, 0, 1, 0]), logits)  # the last 3: 0, 1, 0
     assert out.tolist() == [[2.0, -8.0, 1.0, 3.0, -1.0]]

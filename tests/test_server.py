@@ -402,6 +402,31 @@ def test_engine_refuses_when_the_queue_is_full(model):
         engine.close()
 
 
+def test_the_worker_survives_a_failing_sink_and_logs_it(model, caplog):
+    engine = Engine(*model)
+    try:
+        ids = model[1].encode("Hello")
+        calls = {"n": 0}
+
+        def broken(event):
+            calls["n"] += 1
+            raise OSError("the client's socket broke")
+
+        def failing_in_except(event):  # a job that fails, then a sink that fails on Failed
+            raise ValueError("and the sink fails too")
+
+        engine.submit(ids, {"max_tokens": 50}, broken)
+        engine.submit(ids, {"max_tokens": "many"}, failing_in_except)
+        done = queue_and_wait(engine, ids, 3)  # later requests still run
+        assert isinstance(done, Done) and done.generated_tokens == 3
+        assert calls["n"] < 50  # the broken job stopped at its first event
+    finally:
+        engine.close()
+    logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any("sink failed" in r.getMessage() and r.exc_info for r in logged)
+    assert any("request failed" in r.getMessage() and r.exc_info for r in logged)
+
+
 # ---- the command ---------------------------------------------------------------------------
 
 def test_serve_bad_input_is_one_line(tiny_model):
