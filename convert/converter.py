@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from mlx_hermes.errors import HermesError, first_line
-from mlx_hermes.loader import read_config, resolve_model_path, to_dtype
+from mlx_hermes.formats import SAFETENSORS_DTYPES, to_dtype
+from mlx_hermes.loader import read_config, resolve_model_path
 from mlx_hermes.model import ModelArgs
 
 from .plan import Item, Source, make_plan
@@ -154,7 +155,7 @@ def convert_item(source: Source, item: Item, dtype: mx.Dtype):
 
 def _source_bytes(source: Source, name: str) -> int:
     _, dtype, shape = source.tensors[name]
-    return _count(shape) * {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    return _count(shape) * SAFETENSORS_DTYPES[dtype].size
 
 
 def _summary(items: list[Item], writer: ShardWriter, bits: int, group_size: int, recipe: str,

@@ -20,16 +20,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from mlx_hermes.errors import HermesError
+from mlx_hermes.formats import GROUP_SIZES, OFFERED_BITS, SAFETENSORS_DTYPES
 from mlx_hermes.loader import safetensors_header, weight_files
-from mlx_hermes.model import Model, ModelArgs
+from mlx_hermes.model import Model, ModelArgs, checkpoint_expert_names
 
-BITS = (4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
 RECIPES = ("uniform", "mixed")
 
-# checkpoint expert names -> runtime names
-EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-_SOURCE_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
 
 
 @dataclass
@@ -121,8 +117,8 @@ def recipe_bits(name: str, bits: int, recipe: str) -> int:
 def make_plan(source: Source, args: ModelArgs, bits: int, group_size: int,
               recipe: str) -> list[Item]:
     """Check the source against the model's shapes and list what to write."""
-    if bits not in BITS:
-        raise HermesError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
+    if bits not in OFFERED_BITS:
+        raise HermesError(f"--bits must be one of {', '.join(map(str, OFFERED_BITS))}, got {bits}")
     if group_size not in GROUP_SIZES:
         raise HermesError(
             f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
@@ -154,8 +150,7 @@ def make_plan(source: Source, args: ModelArgs, bits: int, group_size: int,
 def _source_names(path: str, module: nn.Module, args: ModelArgs) -> list[str]:
     if isinstance(module, SwitchLinear):
         prefix, proj = path.rsplit(".switch_mlp.", 1)
-        w = EXPERT_NAMES[proj]
-        return [f"{prefix}.experts.{e}.{w}.weight" for e in range(args.num_local_experts)]
+        return checkpoint_expert_names(prefix, proj, args.num_local_experts)
     return [f"{path}.weight"]
 
 
@@ -177,7 +172,7 @@ def _check_sources(source: Source, items: list[Item], args: ModelArgs) -> None:
         _, dtype, got = source.tensors[name]
         if got != shape:
             raise HermesError(f"tensor {name} has shape {list(got)}, expected {list(shape)}")
-        if dtype not in _SOURCE_DTYPES:
+        if dtype not in SAFETENSORS_DTYPES:
             raise HermesError(f"tensor {name} is {dtype}; the source must be bf16, fp16 or fp32")
     extra = [n for n in source.tensors if n not in wanted]
     if args.tie_word_embeddings:

@@ -11,9 +11,11 @@ from typing import BinaryIO, Optional
 import mlx.core as mx
 import numpy as np
 
+from mlx_hermes.formats import SAFETENSORS_DTYPES
+
 MAX_SHARD_BYTES = 5 * 10**9
 
-_NAMES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
+_NAMES = {**{dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}, mx.uint32: "U32"}
 # numpy has no bfloat16: its bytes go out through a same-sized integer view
 _VIEWS = {mx.bfloat16: mx.uint16}
 

@@ -12,8 +12,13 @@ import click
 
 from . import __version__
 from .errors import HermesError
+from .formats import DTYPES, GROUP_SIZES, OFFERED_BITS
 
 _MODEL_HELP = "model folder or Hugging Face repo id"
+
+
+def _choices(values) -> list[str]:
+    return [str(v) for v in values]
 
 
 class _Terminated(BaseException):
@@ -374,9 +379,9 @@ def _reply(session, text: str) -> None:
               help="random weights of the real shapes, built here (no download)")
 @click.option("--layers", type=int, default=None,
               help="with --synthetic: build only N layers and extrapolate to the full model")
-@click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), default="4", show_default=True,
+@click.option("--bits", type=click.Choice(_choices(OFFERED_BITS)), default="4", show_default=True,
               help="with --synthetic")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64",
+@click.option("--group-size", type=click.Choice(_choices(GROUP_SIZES)), default="64",
               show_default=True, help="with --synthetic")
 @click.option("--prompt-tokens", type=int, default=512, show_default=True)
 @click.option("--gen-tokens", type=int, default=128, show_default=True)
@@ -426,7 +431,7 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
         full_layers = full.num_hidden_layers
         checkpoint_dtype = mx.bfloat16  # what a converted checkpoint stores
     else:
-        from .loader import to_dtype
+        from .formats import to_dtype
 
         model_obj, _ = _load(model, prompt_tokens + gen_tokens, None, portable)
         full_layers = None
@@ -485,12 +490,12 @@ class _bar:
 @main.command()
 @click.option("--hf-path", required=True, help="original checkpoint: folder or Hugging Face repo id")
 @click.option("--mlx-path", required=True, help="output folder (must not exist, unless --force)")
-@click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64",
+@click.option("--bits", type=click.Choice(_choices(OFFERED_BITS)), default="4", show_default=True)
+@click.option("--group-size", type=click.Choice(_choices(GROUP_SIZES)), default="64",
               show_default=True)
 @click.option("--recipe", type=click.Choice(["uniform", "mixed"]), default="uniform",
               show_default=True, help="mixed: router 8-bit; v_proj, embeddings, LM head 6-bit")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+@click.option("--dtype", type=click.Choice(list(DTYPES)),
               default="bfloat16", show_default=True, help="of scales and unquantized tensors")
 @click.option("--report", is_flag=True, help="measure the quantization error and KL divergence")
 @click.option("--force", is_flag=True, help="replace an existing output folder")

@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import HermesError, first_line
+from .formats import DTYPES, QUANT_BITS, dtype_name, to_dtype
 from .model import Model, ModelArgs
 from .specialize import FastPaths, specialize
 from .tokenizer import Tokenizer
@@ -33,8 +34,6 @@ HUB_PATTERNS = [
     "*.jinja",
 ]
 
-_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-_QUANT_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def load(
@@ -214,7 +213,7 @@ def infer_quantization(name: str, module: nn.Module, weights: dict[str, mx.array
         raise HermesError(f"missing tensor {name}.biases (affine quantization needs it)")
     groups = scales.shape[-1]
     group_size, bits = in_dims // groups, packed.shape[-1] * 32 // in_dims
-    if groups * group_size != in_dims or bits not in _QUANT_BITS or packed.dtype != mx.uint32:
+    if groups * group_size != in_dims or bits not in QUANT_BITS or packed.dtype != mx.uint32:
         raise HermesError(
             f"tensor {name}.weight / .scales have shapes {list(packed.shape)} / "
             f"{list(scales.shape)}, which fit no quantization of input size {in_dims}"
@@ -239,8 +238,8 @@ def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
 def default_dtype(args: ModelArgs, weights: dict[str, mx.array]) -> mx.Dtype:
     if mx.default_device() == mx.cpu:
         return mx.float32
-    if args.torch_dtype in _DTYPES:
-        return _DTYPES[args.torch_dtype]
+    if args.torch_dtype in DTYPES:
+        return DTYPES[args.torch_dtype]
     norm = weights["model.norm.weight"]
     return norm.dtype if mx.issubdtype(norm.dtype, mx.floating) else mx.float16
 
@@ -251,15 +250,6 @@ def _check_cpu_dtype(compute: mx.Dtype, weights: dict[str, mx.array]) -> None:
     float_experts = any(k.endswith("switch_mlp.down_proj.weight") and
                         mx.issubdtype(v.dtype, mx.floating) for k, v in weights.items())
     if mx.default_device() == mx.cpu and compute != mx.float32 and float_experts:
-        name = next(k for k, v in _DTYPES.items() if v == compute)
-        raise HermesError(f"dtype {name} does not run on MLX's CPU with unquantized experts "
+        raise HermesError(f"dtype {dtype_name(compute)} does not run on MLX's CPU with unquantized experts "
                           "(its gather_mm is float32 only): use float32, the CPU's default, "
                           "or a quantized model")
-
-
-def to_dtype(dtype: Union[str, mx.Dtype]) -> mx.Dtype:
-    if isinstance(dtype, mx.Dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise HermesError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]

@@ -21,6 +21,19 @@ from .errors import HermesError
 from .moe import SparseMoeBlock
 
 
+# The one map between the original checkpoint's per-expert names and this
+# model's stacked experts: `...block_sparse_moe.experts.E.w1` is row E of
+# `...block_sparse_moe.switch_mlp.gate_proj` (sanitize, the converter, tests).
+EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def checkpoint_expert_names(moe_prefix: str, projection: str, num_experts: int,
+                            part: str = "weight") -> list[str]:
+    """The checkpoint's tensors that make `moe_prefix.switch_mlp.projection.part`."""
+    w = next(k for k, v in EXPERT_NAMES.items() if v == projection)
+    return [f"{moe_prefix}.experts.{e}.{w}.{part}" for e in range(num_experts)]
+
+
 @dataclass
 class ModelArgs:
     """Every field of the checkpoint's config.json (MixtralForCausalLM)."""
@@ -247,15 +260,12 @@ class Model(nn.Module):
         """
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
-        renames = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
         for layer in range(self.args.num_hidden_layers):
             prefix = f"model.layers.{layer}.block_sparse_moe"
-            for old, new in renames.items():
+            for new in EXPERT_NAMES.values():
                 for part in ("weight", "scales", "biases"):
-                    names = [
-                        f"{prefix}.experts.{e}.{old}.{part}"
-                        for e in range(self.args.num_local_experts)
-                    ]
+                    names = checkpoint_expert_names(prefix, new, self.args.num_local_experts,
+                                                    part)
                     present = [n for n in names if n in weights]
                     if not present:
                         continue

@@ -25,6 +25,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from .cache import make_cache
 from .chip import Chip
 from .errors import HermesError
+from .formats import OFFERED_BITS
 from .model import Model, ModelArgs
 from .moe import SparseMoeBlock
 from .specialize import FastPaths, install, specialize
@@ -148,7 +149,7 @@ def fit_advice(limit_bytes: int, args: ModelArgs = HERMES_8X7B,
 
     per_token = kv_cache_bytes(args, 1)
     advice = []
-    for bits in (4, 5, 6, 8):
+    for bits in OFFERED_BITS:
         size = quantized_size(args, bits, group_size)
         room = limit_bytes - size - OVERHEAD_BYTES
         context = min(args.max_position_embeddings, max(0, room // per_token))

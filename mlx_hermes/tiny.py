@@ -21,6 +21,8 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from .model import checkpoint_expert_names
+
 TOKENIZER = Path(__file__).resolve().parent / "hermes_tokenizer"
 
 
@@ -90,10 +92,12 @@ def tiny_tensors(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
         t[f"{p}.self_attn.v_proj.weight"] = rand(KV * Dh, D)
         t[f"{p}.self_attn.o_proj.weight"] = rand(D, H * Dh)
         t[f"{p}.block_sparse_moe.gate.weight"] = rand(E, D)
+        shapes = {"gate_proj": (F, D), "down_proj": (D, F), "up_proj": (F, D)}
+        names = {proj: checkpoint_expert_names(f"{p}.block_sparse_moe", proj, E)
+                 for proj in shapes}
         for e in range(E):
-            t[f"{p}.block_sparse_moe.experts.{e}.w1.weight"] = rand(F, D)
-            t[f"{p}.block_sparse_moe.experts.{e}.w2.weight"] = rand(D, F)
-            t[f"{p}.block_sparse_moe.experts.{e}.w3.weight"] = rand(F, D)
+            for proj, shape in shapes.items():
+                t[names[proj][e]] = rand(*shape)
     t["model.norm.weight"] = ones()
     t["lm_head.weight"] = rand(V, D)
     return t

@@ -10,6 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_hermes
+from mlx_hermes.model import checkpoint_expert_names
 from mlx_hermes.moe import Experts
 
 from .test_model import assert_close, prompt
@@ -76,9 +77,8 @@ def write_old_layout(src, dest):
         if ".switch_mlp." in name:
             prefix, rest = name.split(".switch_mlp.")
             proj, part = rest.split(".")
-            w = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[proj]
-            for e in range(value.shape[0]):
-                old[f"{prefix}.experts.{e}.{w}.{part}"] = value[e]
+            for e, n in enumerate(checkpoint_expert_names(prefix, proj, value.shape[0], part)):
+                old[n] = value[e]
         elif name.endswith("block_sparse_moe.gate.weight"):
             base = name[: -len(".weight")]
             old[name] = mx.dequantize(value, weights[f"{base}.scales"], weights[f"{base}.biases"],
