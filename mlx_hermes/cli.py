@@ -185,8 +185,7 @@ def generate(model: str, prompt: str, system: Optional[str], raw: bool, stop: tu
     if raw:
         ids = tokenizer.encode(prompt)
     else:
-        messages = [{"role": "system", "content": system}] if system else []
-        ids = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
+        ids = tokenizer.user_turn(prompt, system)
 
     text, tokens, last = [], [], None
     for chunk in stream_generate(model_obj, tokenizer, ids, sampling=sampling, stop=stop,
@@ -393,11 +392,7 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
             group_size: str, prompt_tokens: int, gen_tokens: int, trials: int,
             compare_mlx_lm: bool, as_json: bool, portable: bool) -> None:
     """Tokens/s and memory bandwidth, against this machine's limit."""
-    import mlx.core as mx
-
     from . import profile as prof
-    from .chip import detect, measure_bandwidth
-    from .memory import metal_working_set
     from .specialize import FastPaths
 
     if (model is None) == (synthetic is None):
@@ -409,57 +404,19 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
     if _launched() and (synthetic or compare_mlx_lm):
         raise HermesError("under mlx.launch, profile takes --model (no --synthetic, no "
                           "--compare-mlx-lm)")
-    chip = detect()
-    if not chip.name.startswith("Apple"):
-        chip.measured_gbs = measure_bandwidth()
-    working_set = metal_working_set()
-    limit = working_set or chip.memory_bytes
-    on_cpu = mx.default_device() == mx.cpu
+    machine = prof.Machine.here()
     if synthetic:
-        full = prof.SYNTHETIC[synthetic]
-        need = prof.quantized_size(full, int(bits), int(group_size))
-        if layers is None and need + prof.OVERHEAD_BYTES > limit:
-            raise HermesError(
-                f"the full {synthetic} model at {bits}-bit needs {need / 1e9:.1f} GB but this "
-                f"machine allows {limit / 1e9:.1f} GB: measure with --layers N (e.g. 4), whose "
-                "figures are extrapolated to the full model")
+        prof.check_synthetic_fits(synthetic, int(bits), int(group_size), layers, machine)
         with _bar("building", True) as update:
             model_obj = prof.synthetic_model(
-                synthetic, layers, int(bits), int(group_size),
-                dtype=mx.float32 if on_cpu else mx.bfloat16, progress=update,
-                fast_paths=FastPaths.none() if portable else FastPaths())
-        full_layers = full.num_hidden_layers
-        checkpoint_dtype = mx.bfloat16  # what a converted checkpoint stores
+                synthetic, layers, int(bits), int(group_size), dtype=prof.compute_dtype(),
+                progress=update, fast_paths=FastPaths.none() if portable else FastPaths())
     else:
-        from .formats import to_dtype
-
         model_obj, _ = _load(model, prompt_tokens + gen_tokens, None, portable)
-        full_layers = None
-        checkpoint_dtype = to_dtype(model_obj.args.torch_dtype or "bfloat16")
-    result = prof.profile(model_obj, chip, prompt_tokens, gen_tokens, trials,
-                          compare_mlx_lm=compare_mlx_lm, mlx_lm_dtype=checkpoint_dtype,
-                          full_layers=full_layers, progress=lambda text: _info(f"profile: {text}"))
-    group = getattr(model_obj, "group", None)
-    if group is not None:
-        from .distributed import rank_report
-
-        result["ranks"] = rank_report(model_obj, group, result["decode_tps"])
-    what = "this Mac's GPU working set" if working_set else "this machine's memory"
-    result["fit"] = prof.fit_advice(limit)
-    result["fit_limit_gb"] = limit / 1e9
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    click.echo(prof.format_table(result))
-    if group is not None:
-        click.echo(prof.format_ranks(result["ranks"]))
-        return
-    click.echo(prof.format_advice(result["fit"], limit, what))
-    if working_set:
-        raised = chip.memory_bytes - 4 * 2**30
-        click.echo(prof.format_advice(prof.fit_advice(raised), raised,
-                                      "after `sudo sysctl iogpu.wired_limit_mb="
-                                      f"{raised // 2**20}`"))
+    result = prof.run(model_obj, machine, prompt_tokens, gen_tokens, trials,
+                      compare_mlx_lm=compare_mlx_lm, synthetic=synthetic,
+                      progress=lambda text: _info(f"profile: {text}"))
+    click.echo(json.dumps(result) if as_json else prof.format_report(result, machine))
 
 
 class _bar:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -479,3 +479,85 @@ def format_ranks(ranks: list[dict]) -> str:
                      f"  {r['comm_ms_per_token']:>9.2f} ms ({share:>4.0%} of a token)"
                      f"  {r['decode_tps']:>12.1f}")
     return "\n".join(lines)
+
+
+# -- the profile command ----------------------------------------------------------
+
+
+@dataclass
+class Machine:
+    """The chip, its bandwidth, and the memory a model may use here."""
+
+    chip: Chip
+    working_set: Optional[int]  # a Mac's GPU working set, or None elsewhere
+
+    @classmethod
+    def here(cls) -> "Machine":
+        from .chip import detect, measure_bandwidth
+        from .memory import metal_working_set
+
+        chip = detect()
+        if not chip.name.startswith("Apple"):
+            chip.measured_gbs = measure_bandwidth()
+        return cls(chip, metal_working_set())
+
+    @property
+    def limit(self) -> int:
+        return self.working_set or self.chip.memory_bytes
+
+    @property
+    def limit_name(self) -> str:
+        return "this Mac's GPU working set" if self.working_set else "this machine's memory"
+
+
+def compute_dtype() -> mx.Dtype:
+    """Synthetic models compute as loaded ones do: float32 on a CPU, else bf16."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+def check_synthetic_fits(name: str, bits: int, group_size: int, layers: Optional[int],
+                         machine: Machine) -> None:
+    need = quantized_size(SYNTHETIC[name], bits, group_size)
+    if layers is None and need + OVERHEAD_BYTES > machine.limit:
+        raise HermesError(
+            f"the full {name} model at {bits}-bit needs {need / 1e9:.1f} GB but this machine "
+            f"allows {machine.limit / 1e9:.1f} GB: measure with --layers N (e.g. 4), whose "
+            "figures are extrapolated to the full model")
+
+
+def run(model: Model, machine: Machine, prompt_tokens: int, gen_tokens: int, trials: int,
+        compare_mlx_lm: bool = False, synthetic: Optional[str] = None,
+        progress: Optional[Callable[[str], None]] = None) -> dict:
+    """`profile` for a loaded or synthetic model, with the fit advice for this
+    machine and, on a model split over ranks, the per-rank table."""
+    from .formats import to_dtype
+
+    if synthetic:  # mlx-lm's twin gets what a converted checkpoint stores
+        full_layers, checkpoint_dtype = SYNTHETIC[synthetic].num_hidden_layers, mx.bfloat16
+    else:
+        full_layers, checkpoint_dtype = None, to_dtype(model.args.torch_dtype or "bfloat16")
+    result = profile(model, machine.chip, prompt_tokens, gen_tokens, trials,
+                     compare_mlx_lm=compare_mlx_lm, mlx_lm_dtype=checkpoint_dtype,
+                     full_layers=full_layers, progress=progress)
+    group = getattr(model, "group", None)
+    if group is not None:
+        from .distributed import rank_report
+
+        result["ranks"] = rank_report(model, group, result["decode_tps"])
+    result["fit"] = fit_advice(machine.limit)
+    result["fit_limit_gb"] = machine.limit / GB
+    return result
+
+
+def format_report(result: dict, machine: Machine) -> str:
+    """The table, then the per-rank table or the fit advice."""
+    parts = [format_table(result)]
+    if "ranks" in result:
+        return "\n".join(parts + [format_ranks(result["ranks"])])
+    parts.append(format_advice(result["fit"], machine.limit, machine.limit_name))
+    if machine.working_set:
+        raised = machine.chip.memory_bytes - 4 * 2**30
+        parts.append(format_advice(fit_advice(raised), raised, "after `sudo sysctl "
+                                   f"iogpu.wired_limit_mb={raised // 2**20}`"))
+    return "\n".join(parts)
+

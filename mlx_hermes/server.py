@@ -431,12 +431,10 @@ class _Server:
         if body.raw:
             ids = self.tokenizer.encode(body.prompt)
         else:
-            messages = [{"role": "system", "content": body.system}] if body.system else []
-            ids = self.chat_ids(messages + [{"role": "user", "content": body.prompt}])
-            if body.context:  # an earlier reply's context: continue that conversation
-                if not all(0 <= i < self.tokenizer.vocab_size for i in body.context):
-                    raise ApiError(400, "context holds ids outside the vocabulary")
-                ids = self.tokenizer.close_reply(list(body.context)) + ids[1:]
+            context = list(body.context or [])  # an earlier reply's: continue that conversation
+            if not all(0 <= i < self.tokenizer.vocab_size for i in context):
+                raise ApiError(400, "context holds ids outside the vocabulary")
+            ids = self.tokenizer.user_turn(body.prompt, body.system, after=context)
         return await self._ollama(request, body, ids, "generate")
 
     async def _ollama(self, request: Request, body: _OllamaRequest, ids: list[int], kind: str):

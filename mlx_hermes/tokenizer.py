@@ -192,6 +192,15 @@ class Tokenizer:
         """
         return self.encode(self.render_chat(messages, add_generation_prompt) if messages else "")
 
+    def user_turn(self, text: str, system: Optional[str] = None,
+                  after: Optional[list[int]] = None) -> list[int]:
+        """The ids of one user turn ready for the reply (with a system prompt
+        first, if given): a new conversation, or the continuation of `after`,
+        the ids of an earlier one ending in a reply (Ollama's `context`)."""
+        messages = [{"role": "system", "content": system}] if system else []
+        ids = self.apply_chat_template(messages + [{"role": "user", "content": text}])
+        return ids if not after else self.close_reply(after) + ids[1:]
+
     @cached_property
     def turn_end_ids(self) -> list[int]:
         """What the template puts after an assistant's reply (ChatML: `<|im_end|>\\n`)."""
