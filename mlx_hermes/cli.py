@@ -521,6 +521,21 @@ def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: 
     run(app, host=host, port=port)
 
 
+@main.command()
+@click.option("--model", "-m", default=None,
+              help=f"also check this model ({_MODEL_HELP}): its first layers, and its fit")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON, to attach to "
+              "an issue (versions and figures, no paths)")
+def doctor(model: Optional[str], as_json: bool) -> None:
+    """Check this machine: every compute path against the CPU, speed, fit."""
+    from . import doctor as checks
+
+    report = checks.run(model, progress=lambda text: _info(f"doctor: {text}"))
+    click.echo(json.dumps(report) if as_json else checks.format_report(report))
+    if not report["ok"]:
+        sys.exit(1)
+
+
 def _check_port(host: str, port: int) -> None:
     import socket
 
