@@ -37,11 +37,14 @@ from .tiny import tiny_config, tiny_tensors
 SHAPE = dict(hidden_size=192, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=6, num_key_value_heads=2, num_local_experts=6)
 VOCAB = 1024
+GROUP_SIZE = 64
 PROMPT_TOKENS = 72  # enough token-expert pairs for the sorted (and dense) prefill paths
 DECODE_STEPS = 4
 # Max |logits - reference| / max |reference| allowed, by compute dtype. Float32 leaves room
-# for TF32 matmuls on GPUs that use them; bf16 has 8 bits of mantissa.
-TOLERANCE = {mx.float32: 2e-3, mx.bfloat16: 6e-2}
+# for TF32 matmuls on GPUs that use them (1.2e-3 measured on an H200); bf16 has 8 bits of
+# mantissa, and two random layers amplify its rounding (2e-2 float, 4-bit up to ~7e-2 measured
+# on a CPU and an H200). A wrong kernel is off by far more.
+TOLERANCE = {mx.float32: 5e-3, mx.bfloat16: 1e-1}
 
 
 @dataclass
@@ -155,9 +158,9 @@ def build(args: ModelArgs, weights: dict, dtype: mx.Dtype, bits: Optional[int],
     weights = model.sanitize(dict(weights))
     model.load_weights(list(weights.items()))
     if bits:
-        nn.quantize(model, group_size=32, bits=bits,
-                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
-                    and m.weight.shape[0] != args.num_local_experts)  # the router stays float
+        nn.quantize(model, group_size=GROUP_SIZE, bits=bits,
+                    class_predicate=lambda path, m: hasattr(m, "to_quantized")
+                    and not path.endswith("block_sparse_moe.gate"))  # the router stays float
     model.set_dtype(dtype, lambda t: mx.issubdtype(t, mx.floating))
     installed = specialize(model, paths)
     mx.eval(model.parameters())
