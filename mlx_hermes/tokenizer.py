@@ -263,7 +263,7 @@ class Detokenizer:
             if token != t.bos_token_id or len(self.tokens) > 1:  # a leading BOS is not text
                 self._piece_start = t.legacy
             return
-        piece = t._pieces[token]
+        piece = t._pieces[token] if token < len(t._pieces) else ""  # a padded vocabulary's
         if isinstance(piece, int):
             data = bytes((piece,))
         else:
