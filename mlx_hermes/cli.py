@@ -459,7 +459,9 @@ class _bar:
 def convert(hf_path: str, mlx_path: str, bits: str, group_size: str, recipe: str, dtype: str,
             report: bool, force: bool) -> None:
     """Quantize the original checkpoint to MLX, in bounded memory."""
-    converter = _converter()
+    from .convert_package import converter_package
+
+    converter = converter_package()
     with _bar("converting", True, unit="B") as progress:
         summary = converter.convert(hf_path, mlx_path, bits=int(bits),
                                     group_size=int(group_size), recipe=recipe, dtype=dtype,
@@ -544,27 +546,6 @@ def _check_port(host: str, port: int) -> None:
             pass
     except OSError as e:
         raise HermesError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-
-
-def _converter():
-    """The converter package: installed as mlx_hermes_convert, or convert/ in a
-    source checkout. Imported only here, so the runtime never depends on it."""
-    import importlib
-    import importlib.util
-    from pathlib import Path
-
-    try:
-        return importlib.import_module("mlx_hermes_convert")
-    except ImportError:
-        folder = Path(__file__).resolve().parent.parent / "convert"
-        spec = importlib.util.spec_from_file_location(
-            "mlx_hermes_convert", folder / "__init__.py", submodule_search_locations=[str(folder)])
-        if spec is None:
-            raise HermesError("the converter is not installed (no convert/ folder)") from None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["mlx_hermes_convert"] = module
-        spec.loader.exec_module(module)
-        return module
 
 
 if __name__ == "__main__":

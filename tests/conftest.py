@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from mlx_hermes import tiny
-from mlx_hermes.cli import _converter
+from mlx_hermes.convert_package import converter_package
 
-_converter()  # a source checkout (as on the GPU machine) has convert/ but no mlx_hermes_convert
+converter_package()  # a source checkout (as on the GPU machine) has convert/ but no mlx_hermes_convert
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = tiny.TOKENIZER
