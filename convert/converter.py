@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from mlx_hermes.errors import HermesError, first_line
+from mlx_hermes import formats
 from mlx_hermes.formats import SAFETENSORS_DTYPES, to_dtype
 from mlx_hermes.loader import read_config, resolve_model_path
 from mlx_hermes.model import ModelArgs
@@ -34,8 +35,8 @@ SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 def convert(
     hf_path: str,
     mlx_path: str,
-    bits: int = 4,
-    group_size: int = 64,
+    bits: Optional[int] = None,
+    group_size: Optional[int] = None,
     recipe: str = "uniform",
     dtype: str = "bfloat16",
     force: bool = False,
@@ -43,8 +44,11 @@ def convert(
 ) -> dict:
     """Convert and return a summary: bits per weight, sizes, files.
 
-    progress(done, total) is called as source bytes are consumed.
+    recipe: formats.RECIPES; `uniform` and `mixed` take bits (4) and
+    group_size (64), the fit-* recipes set their own. progress(done, total)
+    is called as source bytes are consumed.
     """
+    plan_recipe = formats.recipe(recipe, bits, group_size)
     out = Path(mlx_path).expanduser()
     local = Path(hf_path).expanduser()
     if local.exists():  # before anything is read (or, for a repo id, downloaded)
@@ -60,7 +64,7 @@ def convert(
         raise HermesError(f"{src} is already quantized; convert from the original checkpoint")
     args = ModelArgs.from_dict(config)
     source = Source.open(src)
-    items = make_plan(source, args, bits, group_size, recipe)
+    items = make_plan(source, args, plan_recipe)
     specs = [spec for item in items for spec in item.outputs(out_dtype)]
 
     _remove_leftovers(out)
@@ -84,8 +88,8 @@ def convert(
         finally:
             writer.close()
         (tmp / "model.safetensors.index.json").write_text(json.dumps(writer.index(), indent=2))
-        summary = _summary(items, writer, bits, group_size, recipe, dtype, str(hf_path))
-        _write_config(tmp / "config.json", config, items, bits, group_size, dtype)
+        summary = _summary(items, writer, plan_recipe, dtype, str(hf_path))
+        _write_config(tmp / "config.json", config, items, plan_recipe.experts, dtype)
         for name in SIDE_FILES:
             if (src / name).exists():
                 shutil.copy(src / name, tmp / name)
@@ -158,17 +162,18 @@ def _source_bytes(source: Source, name: str) -> int:
     return _count(shape) * SAFETENSORS_DTYPES[dtype].size
 
 
-def _summary(items: list[Item], writer: ShardWriter, bits: int, group_size: int, recipe: str,
-             dtype: str, source: str) -> dict:
+def _summary(items: list[Item], writer: ShardWriter, recipe: formats.Recipe, dtype: str,
+             source: str) -> dict:
     out_dtype = to_dtype(dtype)
     quantized = [item for item in items if item.bits is not None]
     params = sum(_count(item.shape) for item in quantized)
     stored = sum(nbytes(spec) for item in quantized for spec in item.outputs(out_dtype))
     return {
         "source": source,
-        "recipe": recipe,
-        "bits": bits,
-        "group_size": group_size,
+        "recipe": recipe.name,
+        "label": recipe.label,
+        "bits": recipe.experts.bits,
+        "group_size": recipe.experts.group_size,
         "dtype": dtype,
         "bits_per_weight": 8 * stored / params,  # packed weights, scales and biases
         "size_bytes": writer.index()["metadata"]["total_size"],
@@ -184,9 +189,10 @@ def _count(shape: tuple) -> int:
     return n
 
 
-def _write_config(path: Path, config: dict, items: list[Item], bits: int, group_size: int,
+def _write_config(path: Path, config: dict, items: list[Item], default: formats.Width,
                   dtype: str) -> None:
-    quantization = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    # mlx-lm's layout: a default width, and each quantized module's own
+    quantization = {"group_size": default.group_size, "bits": default.bits, "mode": "affine"}
     for item in items:
         if item.bits is not None:
             quantization[item.name] = {"group_size": item.group_size, "bits": item.bits}
@@ -196,14 +202,14 @@ def _write_config(path: Path, config: dict, items: list[Item], bits: int, group_
 
 
 def _model_card(s: dict) -> str:
-    return f"""# Nous Hermes 2 Mixtral 8x7B DPO, MLX {s['recipe']} {s['bits']}-bit
+    return f"""# Nous Hermes 2 Mixtral 8x7B DPO, MLX {s['label']}
 
 Converted by mlx-hermes on {s['date']} from `{s['source']}`.
 
 | | |
 | --- | --- |
-| recipe | {s['recipe']} (group size {s['group_size']}, scales in {s['dtype']}) |
-| bits | {s['bits']} |
+| recipe | {s['label']} (scales in {s['dtype']}; each module's width in config.json) |
+| experts | {s['bits']}-bit, group size {s['group_size']} |
 | bits per weight | {s['bits_per_weight']:.3f} |
 | size | {format_size(s['size_bytes'])} |
 

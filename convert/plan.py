@@ -20,11 +20,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from mlx_hermes.errors import HermesError
-from mlx_hermes.formats import GROUP_SIZES, OFFERED_BITS, SAFETENSORS_DTYPES
+from mlx_hermes.formats import GROUP_SIZES, SAFETENSORS_DTYPES, Recipe, kind_of
 from mlx_hermes.loader import safetensors_header, weight_files
 from mlx_hermes.model import Model, ModelArgs, checkpoint_expert_names
 
-RECIPES = ("uniform", "mixed")
 
 
 
@@ -85,53 +84,17 @@ class Item:
         return kind_of(self.name)
 
 
-def kind_of(name: str) -> str:
-    if ".switch_mlp." in name:
-        return "experts"
-    if name.endswith("block_sparse_moe.gate"):
-        return "router"
-    if ".self_attn." in name:
-        return "attention"
-    if "embed_tokens" in name:
-        return "embeddings"
-    if name.startswith("lm_head"):
-        return "lm_head"
-    return "norms"
-
-
-def recipe_bits(name: str, bits: int, recipe: str) -> int:
-    """Bits for one module. `mixed` spends bits where quantization error costs
-    the most and space the least: the router (8 x hidden weights per layer)
-    at 8-bit, attention's v_proj, the embeddings and the LM head at 6-bit or
-    more, and the experts (96% of the weights) at `bits`."""
-    if recipe == "uniform":
-        return bits
-    kind = kind_of(name)
-    if kind == "router":
-        return 8
-    if kind in ("embeddings", "lm_head") or name.endswith("v_proj"):
-        return max(bits, 6)
-    return bits
-
-
-def make_plan(source: Source, args: ModelArgs, bits: int, group_size: int,
-              recipe: str) -> list[Item]:
+def make_plan(source: Source, args: ModelArgs, recipe: Recipe) -> list[Item]:
     """Check the source against the model's shapes and list what to write."""
-    if bits not in OFFERED_BITS:
-        raise HermesError(f"--bits must be one of {', '.join(map(str, OFFERED_BITS))}, got {bits}")
-    if group_size not in GROUP_SIZES:
-        raise HermesError(
-            f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
-    if recipe not in RECIPES:
-        raise HermesError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe}")
-
     model = Model(args)  # lazy: only shapes are used
     shapes = dict(tree_flatten(model.parameters()))
     items = []
     for path, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Embedding, SwitchLinear)):
+            width = recipe.width(path, args.num_hidden_layers)
             item = Item(path, _source_names(path, module, args), shapes[f"{path}.weight"].shape,
-                        recipe_bits(path, bits, recipe), group_size)
+                        width.bits, width.group_size)
+            group_size = width.group_size
             in_dims = item.shape[-1]
             if in_dims % group_size:
                 fits = ", ".join(str(g) for g in GROUP_SIZES if in_dims % g == 0) or "none"

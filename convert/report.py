@@ -14,7 +14,9 @@ from mlx_hermes.loader import quantize_like, read_config, weight_files
 from mlx_hermes.model import DecoderLayer, ModelArgs
 from mlx_hermes.tokenizer import Tokenizer
 
-from .plan import Item, Source, kind_of, make_plan
+from mlx_hermes.formats import Recipe, Width, kind_of
+
+from .plan import Item, Source, make_plan
 
 PROMPTS = (
     "Explain why the sky is blue in two sentences.",
@@ -32,7 +34,8 @@ def quality_report(source_path: Path, converted_path: Path,
     args = ModelArgs.from_dict(config)
     source = Source.open(source_path)
     q = config["quantization"]
-    items = make_plan(source, args, q["bits"], q["group_size"], "uniform")
+    # the items name the tensors; each one's width is read from the converted tensors
+    items = make_plan(source, args, Recipe("converted", *[Width(q["bits"], q["group_size"])] * 6))
     converted = _Converted(converted_path)
     tokenizer = Tokenizer.from_path(source_path)
     ids = [mx.array(tokenizer.apply_chat_template([{"role": "user", "content": p}]))

@@ -12,7 +12,7 @@ import click
 
 from . import __version__
 from .errors import HermesError
-from .formats import DTYPES, GROUP_SIZES, OFFERED_BITS
+from .formats import DTYPES, GROUP_SIZES, OFFERED_BITS, RECIPES
 
 _MODEL_HELP = "model folder or Hugging Face repo id"
 
@@ -378,18 +378,22 @@ def _reply(session, text: str) -> None:
               help="random weights of the real shapes, built here (no download)")
 @click.option("--layers", type=int, default=None,
               help="with --synthetic: build only N layers and extrapolate to the full model")
-@click.option("--bits", type=click.Choice(_choices(OFFERED_BITS)), default="4", show_default=True,
-              help="with --synthetic")
-@click.option("--group-size", type=click.Choice(_choices(GROUP_SIZES)), default="64",
-              show_default=True, help="with --synthetic")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="with --synthetic: stored as this recipe (as `convert --recipe`) [default: "
+                   "uniform]")
+@click.option("--bits", type=click.Choice(_choices(OFFERED_BITS)), default=None,
+              help="with --synthetic, uniform or mixed [default: 4]")
+@click.option("--group-size", type=click.Choice(_choices(GROUP_SIZES)), default=None,
+              help="with --synthetic, uniform or mixed [default: 64]")
 @click.option("--prompt-tokens", type=int, default=512, show_default=True)
 @click.option("--gen-tokens", type=int, default=128, show_default=True)
 @click.option("--trials", type=int, default=3, show_default=True)
 @click.option("--compare-mlx-lm", is_flag=True, help="also time mlx-lm's Mixtral on the same weights")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--portable", is_flag=True, help=_PORTABLE_HELP)
-def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int], bits: str,
-            group_size: str, prompt_tokens: int, gen_tokens: int, trials: int,
+def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int],
+            recipe: Optional[str], bits: Optional[str], group_size: Optional[str],
+            prompt_tokens: int, gen_tokens: int, trials: int,
             compare_mlx_lm: bool, as_json: bool, portable: bool) -> None:
     """Tokens/s and memory bandwidth, against this machine's limit."""
     from . import profile as prof
@@ -406,11 +410,17 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
                           "--compare-mlx-lm)")
     machine = prof.Machine.here()
     if synthetic:
-        prof.check_synthetic_fits(synthetic, int(bits), int(group_size), layers, machine)
+        from .formats import recipe as make_recipe
+
+        stored_as = make_recipe(recipe or "uniform", int(bits) if bits else None,
+                                int(group_size) if group_size else None)
+        prof.check_synthetic_fits(synthetic, stored_as, layers, machine)
         with _bar("building", True) as update:
             model_obj = prof.synthetic_model(
-                synthetic, layers, int(bits), int(group_size), dtype=prof.compute_dtype(),
-                progress=update, fast_paths=FastPaths.none() if portable else FastPaths())
+                synthetic, layers, dtype=prof.compute_dtype(), progress=update,
+                fast_paths=FastPaths.none() if portable else FastPaths(), stored_as=stored_as)
+    elif recipe or bits or group_size:
+        raise HermesError("--recipe, --bits and --group-size apply to --synthetic only")
     else:
         model_obj, _ = _load(model, prompt_tokens + gen_tokens, None, portable)
     result = prof.run(model_obj, machine, prompt_tokens, gen_tokens, trials,
@@ -447,28 +457,44 @@ class _bar:
 @main.command()
 @click.option("--hf-path", required=True, help="original checkpoint: folder or Hugging Face repo id")
 @click.option("--mlx-path", required=True, help="output folder (must not exist, unless --force)")
-@click.option("--bits", type=click.Choice(_choices(OFFERED_BITS)), default="4", show_default=True)
-@click.option("--group-size", type=click.Choice(_choices(GROUP_SIZES)), default="64",
-              show_default=True)
-@click.option("--recipe", type=click.Choice(["uniform", "mixed"]), default="uniform",
-              show_default=True, help="mixed: router 8-bit; v_proj, embeddings, LM head 6-bit")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="uniform (the default): every weight at --bits; mixed: router 8-bit, v_proj, "
+                   "embeddings and LM head 6-bit; fit-32gb / fit-24gb: experts at 3 / 2 bits "
+                   "for 32 / 24 GB Macs (sets its own bits)")
+@click.option("--bits", type=click.Choice(_choices(OFFERED_BITS)), default=None,
+              help="with uniform or mixed [default: 4]")
+@click.option("--group-size", type=click.Choice(_choices(GROUP_SIZES)), default=None,
+              help="with uniform or mixed [default: 64]")
+@click.option("--fit", "fit_gb", type=click.IntRange(min=1), default=None,
+              help="GB of the Mac to run on: picks the largest recipe that fits its default "
+                   "GPU working set with a 4k context")
 @click.option("--dtype", type=click.Choice(list(DTYPES)),
               default="bfloat16", show_default=True, help="of scales and unquantized tensors")
 @click.option("--report", is_flag=True, help="measure the quantization error and KL divergence")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
-def convert(hf_path: str, mlx_path: str, bits: str, group_size: str, recipe: str, dtype: str,
-            report: bool, force: bool) -> None:
+def convert(hf_path: str, mlx_path: str, recipe: Optional[str], bits: Optional[str],
+            group_size: Optional[str], fit_gb: Optional[int], dtype: str, report: bool,
+            force: bool) -> None:
     """Quantize the original checkpoint to MLX, in bounded memory."""
     from .convert_package import converter_package
 
+    if fit_gb is not None:
+        from .memory import recipe_for_mac
+
+        if recipe or bits or group_size:
+            raise HermesError("--fit picks the recipe: leave out --recipe, --bits and "
+                              "--group-size")
+        row, why = recipe_for_mac(fit_gb)
+        recipe, bits = row["recipe"], None if row["recipe"].startswith("fit-") else row["bits"]
+        click.echo(f"--fit {fit_gb}: {row['label']}: {why}", err=True)
     converter = converter_package()
     with _bar("converting", True, unit="B") as progress:
-        summary = converter.convert(hf_path, mlx_path, bits=int(bits),
-                                    group_size=int(group_size), recipe=recipe, dtype=dtype,
-                                    force=force, progress=progress)
+        summary = converter.convert(hf_path, mlx_path, bits=int(bits) if bits else None,
+                                    group_size=int(group_size) if group_size else None,
+                                    recipe=recipe or "uniform", dtype=dtype, force=force,
+                                    progress=progress)
     click.echo(f"wrote {mlx_path}: {converter.format_size(summary['size_bytes'])}, "
-               f"{summary['bits_per_weight']:.3f} bits per weight "
-               f"({recipe} {bits}-bit, group size {group_size}); "
+               f"{summary['bits_per_weight']:.3f} bits per weight ({summary['label']}); "
                f"chat with it: mlx-hermes chat --model {mlx_path}")
     if report:
         from mlx_hermes.loader import resolve_model_path

@@ -315,17 +315,17 @@ def fit(chip: Chip, working_set: Optional[int], model: Optional[str] = None) -> 
         per_token = kv_cache_bytes(args, 1)
         room = limit - weights - OVERHEAD_BYTES
         context = int(min(args.max_position_embeddings, max(0, room // per_token)))
-        rows = [{"bits": "--model", "weights_gb": weights / GB, "max_context": context,
+        rows = [{"label": "--model", "weights_gb": weights / GB, "max_context": context,
                  "fits": context >= 512}]
     else:
         rows = fit_advice(limit)
     checks = []
     for row in rows:
-        label = row["bits"] if row["bits"] == "--model" else f"{row['bits']}-bit"
+        label = row["label"]
         fits = row["fits"]
         figure = (f"{row['weights_gb']:.1f} GB of weights in {limit / 1e9:.1f} GB of {where}: " +
                   (f"fits with {row['max_context']} tokens of context" if fits else
-                   "does not fit: a smaller quantization, --kv-bits 4, or on a Mac "
+                   "does not fit: a smaller recipe, --kv-bits 4, or on a Mac "
                    "`sudo sysctl iogpu.wired_limit_mb=N`"))
         checks.append(Check("fit", label, "ok" if fits else "warn", figure, dict(row)))
     return checks

@@ -63,3 +63,40 @@ def check_fits(path: Path, tokens: int, kv_bits: Optional[int] = None,
 def _suggested_mb(need: int) -> int:
     # what is needed plus 10% headroom, rounded up to a GB
     return -(-int(need * 1.1) // 2**30) * 1024
+
+
+# The GPU's default working set of a Mac, GB, by its memory: recorded where we have a
+# figure, else macOS's rule (about 2/3 of memory up to 32 GB, 3/4 above).
+MAC_WORKING_SET_GB = {16: 10.9, 24: 16.0, 32: 21.8, 48: 36.0, 64: 48.0, 96: 72.0, 128: 115.4,
+                      192: 144.0}
+RECORDED = {16: "recorded on an M1", 32: "recorded", 128: "recorded on an M5 Max (107.5 GiB)"}
+FIT_CONTEXT = 4096  # the context `convert --fit` leaves room for
+
+
+def mac_working_set(memory_gb: int) -> tuple[float, str]:
+    """A Mac's default GPU working set (GB) and where the figure comes from."""
+    if memory_gb in MAC_WORKING_SET_GB:
+        return MAC_WORKING_SET_GB[memory_gb], RECORDED.get(memory_gb, "macOS's rule")
+    share = 2 / 3 if memory_gb <= 32 else 3 / 4
+    return memory_gb * share, "macOS's rule"
+
+
+def recipe_for_mac(memory_gb: int, context: int = FIT_CONTEXT) -> tuple[dict, str]:
+    """The largest recipe of the real 8x7B whose weights, `context` tokens of fp16
+    KV cache and the margin fit a Mac of `memory_gb`'s default working set: its
+    fit-advice row, and why it was picked."""
+    from .profile import fit_advice
+
+    working_set, source = mac_working_set(memory_gb)
+    advice = fit_advice(int(working_set * GB))
+    for row in advice:
+        if row["max_context"] >= context:
+            return row, (f"a {memory_gb} GB Mac's GPU may use {working_set:.1f} GB ({source}); "
+                         f"{row['label']} takes {row['weights_gb']:.1f} GB and leaves room for "
+                         f"{row['max_context']} tokens of context")
+    smallest = advice[-1]
+    raise HermesError(
+        f"no recipe fits a {memory_gb} GB Mac: its GPU may use {working_set:.1f} GB ({source}), "
+        f"and the smallest, {smallest['label']}, needs {smallest['weights_gb']:.1f} GB of weights "
+        f"plus a {context}-token context; split the model over two Macs (mlx.launch: README, "
+        "'Several Macs, one model'), or raise the limit with `sudo sysctl iogpu.wired_limit_mb`")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -25,7 +25,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from .cache import make_cache
 from .chip import Chip
 from .errors import HermesError
-from .formats import OFFERED_BITS
+from .formats import Recipe, Width, recipe
 from .model import Model, ModelArgs
 from .moe import SparseMoeBlock
 from .specialize import FastPaths, install, specialize
@@ -47,11 +47,15 @@ def _quantizable(_, module: nn.Module) -> bool:
 def synthetic_model(name: str, layers: Optional[int] = None, bits: int = 4,
                     group_size: int = 64, dtype: mx.Dtype = mx.bfloat16,
                     progress: Optional[Callable[[int, int], None]] = None,
-                    fast_paths: Optional[FastPaths] = FastPaths()) -> Model:
+                    fast_paths: Optional[FastPaths] = FastPaths(),
+                    stored_as: Optional[Recipe] = None) -> Model:
     """Random weights of the named shape, made directly in quantized form one
-    layer at a time, so no full-precision copy ever exists. Random packed
-    weights route tokens about uniformly over the experts. Specialized for
-    this machine as a loaded model is (`fast_paths=None`: not even fused)."""
+    layer at a time, so no full-precision copy ever exists: every weight at
+    `bits` in groups of `group_size`, or as the recipe `stored_as` says.
+    Random packed weights route tokens about uniformly over the experts.
+    Specialized for this machine as a loaded model is (`fast_paths=None`:
+    not even fused)."""
+    stored_as = stored_as or recipe("uniform", bits, group_size)
     if name not in SYNTHETIC:
         raise HermesError(f"unknown synthetic model {name!r}; use {' or '.join(SYNTHETIC)}")
     args = SYNTHETIC[name]
@@ -64,11 +68,19 @@ def synthetic_model(name: str, layers: Optional[int] = None, bits: int = 4,
     model = Model(args)
     # Only shapes and classes change here; the float initial values are lazy
     # and are replaced before anything is evaluated.
-    nn.quantize(model, group_size, bits, class_predicate=_quantizable)
-    parts = [model.model.embed_tokens] + list(model.layers) + [model.model.norm, model.lm_head]
-    for i, part in enumerate(parts):
-        part.update(tree_map_with_path(lambda path, p: _random_like(path, p, bits, dtype),
-                                       part.parameters()))
+    def width(path: str) -> Width:
+        return stored_as.width(path, args.num_hidden_layers)
+
+    nn.quantize(model, class_predicate=lambda path, m: _quantizable(path, m) and asdict(width(path)))
+    parts = {"model.embed_tokens": model.model.embed_tokens,
+             **{f"model.layers.{i}": layer for i, layer in enumerate(model.layers)},
+             "model.norm": model.model.norm, "lm_head": model.lm_head}
+    for i, (prefix, part) in enumerate(parts.items()):
+        def random(path: str, p: mx.array) -> mx.array:
+            module = f"{prefix}.{path}".rsplit(".", 1)[0]
+            return _random_like(path, p, width(module) if p.ndim > 1 else None, dtype)
+
+        part.update(tree_map_with_path(random, part.parameters()))
         if fast_paths is not None and hasattr(part, "block_sparse_moe"):
             part.self_attn.fuse()  # now, so that the unfused halves can go
             part.block_sparse_moe.switch_mlp.fuse()
@@ -80,7 +92,7 @@ def synthetic_model(name: str, layers: Optional[int] = None, bits: int = 4,
     return model
 
 
-def _random_like(path: str, p: mx.array, bits: int, dtype: mx.Dtype) -> mx.array:
+def _random_like(path: str, p: mx.array, width: Optional[Width], dtype: mx.Dtype) -> mx.array:
     if p.dtype == mx.uint32:  # packed quantized weights: uniformly random codes
         high, low = (mx.random.randint(0, 2**16, p.shape, dtype=mx.uint32) for _ in range(2))
         return (high << 16) | low
@@ -88,8 +100,9 @@ def _random_like(path: str, p: mx.array, bits: int, dtype: mx.Dtype) -> mx.array
         return mx.ones(p.shape, dtype)
     # Codes 0..2^bits-1 map onto about +-2 standard deviations of an
     # N(0, 1/sqrt(in)) weight, centred on zero: w = scale * code + bias.
-    levels = 2**bits - 1
-    scale = mx.random.uniform(0.9, 1.1, p.shape) * 4 * (p.shape[-1] * 64) ** -0.5 / levels
+    levels = 2**width.bits - 1
+    inputs = p.shape[-1] * width.group_size
+    scale = mx.random.uniform(0.9, 1.1, p.shape) * 4 * inputs ** -0.5 / levels
     return (-scale * levels / 2 if path.endswith("biases") else scale).astype(dtype)
 
 
@@ -131,29 +144,44 @@ def model_bytes(model: Model) -> int:
 
 # -- fit advice -----------------------------------------------------------------
 
-def quantized_size(args: ModelArgs, bits: int, group_size: int = 64) -> int:
-    """Bytes of the model at `bits` with bf16 scales and biases (norms in bf16)."""
+def recipe_size(args: ModelArgs, recipe: Recipe) -> int:
+    """Bytes of the model stored as `recipe` (bf16 scales and biases, norms in bf16)."""
     model = Model(args)  # lazy: shapes only
     total = 0
-    for name, p in tree_flatten(model.parameters()):
-        n = int(np.prod(p.shape))
-        total += n * 2 if p.ndim == 1 else n * bits // 8 + 2 * 2 * (n // group_size)
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, SwitchLinear)):
+            w = recipe.width(path, args.num_hidden_layers)
+            n = int(np.prod(module.weight.shape))
+            total += n * w.bits // 8 + 2 * 2 * (n // w.group_size)
+        elif isinstance(module, nn.RMSNorm):
+            total += module.weight.size * 2
     return total
 
 
-def fit_advice(limit_bytes: int, args: ModelArgs = HERMES_8X7B,
-               group_size: int = 64) -> list[dict]:
-    """For each quantization: its size, and the longest context that fits in
+def quantized_size(args: ModelArgs, bits: int, group_size: int = 64) -> int:
+    """Bytes of the model at `bits` everywhere (the uniform recipe)."""
+    return recipe_size(args, recipe("uniform", bits, group_size))
+
+
+def advice_recipes() -> list[Recipe]:
+    """What the fit advice and `convert --fit` choose from, largest (best) first."""
+    return [recipe("uniform", 8), recipe("uniform", 6), recipe("uniform", 5),
+            recipe("mixed", 4), recipe("uniform", 4), recipe("fit-32gb"), recipe("fit-24gb")]
+
+
+def fit_advice(limit_bytes: int, args: ModelArgs = HERMES_8X7B) -> list[dict]:
+    """For each recipe: its size, and the longest context that fits in
     `limit_bytes` next to it (weights + fp16 KV cache + a margin)."""
     from .memory import kv_cache_bytes
 
     per_token = kv_cache_bytes(args, 1)
     advice = []
-    for bits in OFFERED_BITS:
-        size = quantized_size(args, bits, group_size)
+    for r in advice_recipes():
+        size = recipe_size(args, r)
         room = limit_bytes - size - OVERHEAD_BYTES
         context = min(args.max_position_embeddings, max(0, room // per_token))
-        advice.append({"bits": bits, "weights_gb": size / GB, "max_context": int(context),
+        advice.append({"recipe": r.name, "label": r.label, "bits": r.experts.bits,
+                       "weights_gb": size / GB, "max_context": int(context),
                        "fits": context >= 512})
     return advice
 
@@ -165,7 +193,7 @@ def format_advice(advice: list[dict], limit_bytes: int, what: str) -> str:
     for a in advice:
         verdict = (f"fits with {a['max_context']} tokens of context" if a["fits"]
                    else "does not fit")
-        lines.append(f"  {a['bits']}-bit g64: {a['weights_gb']:5.1f} GB  {verdict}")
+        lines.append(f"  {a['label']:<30} {a['weights_gb']:5.1f} GB  {verdict}")
     return "\n".join(lines)
 
 
@@ -515,12 +543,12 @@ def compute_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
-def check_synthetic_fits(name: str, bits: int, group_size: int, layers: Optional[int],
+def check_synthetic_fits(name: str, stored_as: Recipe, layers: Optional[int],
                          machine: Machine) -> None:
-    need = quantized_size(SYNTHETIC[name], bits, group_size)
+    need = recipe_size(SYNTHETIC[name], stored_as)
     if layers is None and need + OVERHEAD_BYTES > machine.limit:
         raise HermesError(
-            f"the full {name} model at {bits}-bit needs {need / 1e9:.1f} GB but this machine "
+            f"the full {name} model as {stored_as.label} needs {need / 1e9:.1f} GB but this machine "
             f"allows {machine.limit / 1e9:.1f} GB: measure with --layers N (e.g. 4), whose "
             "figures are extrapolated to the full model")
 

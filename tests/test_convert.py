@@ -306,3 +306,64 @@ def test_runtime_does_not_import_the_converter():
     assert done.stdout.strip() == "False"
     with pytest.raises(HermesError):
         mlx_hermes_convert.convert("/no/such/source", "/tmp/never")
+
+
+# ---- recipes for smaller Macs ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory):
+    """Dimensions that groups of 128 divide, and 5 layers: the fit-24gb recipe widens
+    down_proj in the first and last 2 only."""
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=5,
+                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    return write_hf_checkpoint(tmp_path_factory.mktemp("wide") / "wide", seed=3, **shape)
+
+
+@pytest.mark.parametrize("recipe,experts_bits", [("fit-32gb", 3), ("fit-24gb", 2)])
+def test_small_mac_recipes_load_in_both_runtimes(wide_checkpoint, tmp_path, recipe, experts_bits):
+    out = tmp_path / recipe
+    result = CliRunner().invoke(main, ["convert", "--hf-path", str(wide_checkpoint),
+                                       "--mlx-path", str(out), "--recipe", recipe,
+                                       "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert f"bits per weight ({recipe} (experts {experts_bits}-bit g128))" in result.stdout
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    layer = "model.layers.{}.block_sparse_moe"
+    assert q[layer.format(2) + ".switch_mlp.gate_proj"] == {"group_size": 128, "bits": experts_bits}
+    assert q[layer.format(0) + ".gate"]["bits"] == 8  # the router
+    assert q["model.layers.0.self_attn.v_proj"]["bits"] == 6
+    widened = 3 if recipe == "fit-24gb" else experts_bits
+    assert q[layer.format(0) + ".switch_mlp.down_proj"]["bits"] == widened
+    assert q[layer.format(4) + ".switch_mlp.down_proj"]["bits"] == widened
+    assert q[layer.format(2) + ".switch_mlp.down_proj"]["bits"] == experts_bits
+    _, tokenizer = mlx_hermes.load(wide_checkpoint, lazy=True)
+    tokens = tokenizer.encode(PROMPT)
+    ours = logits(out, tokens)
+    assert np.isfinite(ours).all()
+    # mlx-lm loads the folder unchanged and computes the same logits
+    assert np.abs(mlx_lm_logits(out, tokens) - ours).max() <= 1e-4 * np.abs(ours).max()
+    # fewer bits cost more than 4-bit does
+    four = tmp_path / "four"
+    mlx_hermes_convert.convert(str(wide_checkpoint), str(four), bits=4, dtype="float32")
+    source = logits(wide_checkpoint, tokens)
+    assert rel(logits(four, tokens), source) < rel(ours, source)
+
+
+def test_recipes_refuse_what_they_would_ignore(wide_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert "sets its own bits" in convert_error("--hf-path", wide_checkpoint, "--mlx-path", out,
+                                                "--recipe", "fit-32gb", "--bits", "4")
+    assert "--fit picks the recipe" in convert_error("--hf-path", wide_checkpoint,
+                                                     "--mlx-path", out, "--fit", "32",
+                                                     "--recipe", "mixed")
+    message = convert_error("--hf-path", wide_checkpoint, "--mlx-path", out, "--fit", "16")
+    assert "no recipe fits a 16 GB Mac" in message and "two Macs" in message
+    assert not out.exists()
+
+
+def test_fit_names_its_choice(wide_checkpoint, tmp_path):
+    result = CliRunner().invoke(main, ["convert", "--hf-path", str(wide_checkpoint),
+                                       "--mlx-path", str(tmp_path / "out"), "--fit", "24"])
+    assert result.exit_code == 0, result.output
+    assert "--fit 24: fit-24gb (experts 2-bit g128): a 24 GB Mac's GPU may use 16.0 GB" in \
+        result.stderr

@@ -67,7 +67,9 @@ def test_the_mac_working_set_and_wired_limit_from_recorded_sysctl():
 def test_fit_says_what_to_do_when_nothing_fits():
     small = Chip("Apple M1", 16 * 2**30, 8, 68.0)
     checks = doctor.fit(small, 10.9e9)
-    assert [c.name for c in checks] == ["4-bit", "5-bit", "6-bit", "8-bit"]
+    assert [c.name for c in checks] == [
+        "uniform 8-bit g64", "uniform 6-bit g64", "uniform 5-bit g64", "mixed 4-bit g64",
+        "uniform 4-bit g64", "fit-32gb (experts 3-bit g128)", "fit-24gb (experts 2-bit g128)"]
     assert all(c.status == "warn" and "sysctl" in c.figure for c in checks)
     big = doctor.fit(Chip("Apple M2 Ultra", 192 * 2**30, 76, 800.0), 150e9)
     assert all(c.status == "ok" and "fits with" in c.figure for c in big)

@@ -44,3 +44,30 @@ def test_check_fits_reads_the_folder(tiny_model):
         check_fits(tiny_model, 1000, limit=1000)
     if metal_working_set() is None:  # CPU or CUDA: nothing to check
         check_fits(tiny_model, 10**9)
+
+
+def test_the_recipe_for_each_mac_size():
+    """`convert --fit`: the largest recipe whose weights, a 4k context and the margin fit
+    the Mac's default working set (recorded for 16, 32 and 128 GB, macOS's rule otherwise)."""
+    from mlx_hermes.memory import mac_working_set, recipe_for_mac
+
+    expected = {24: "fit-24gb", 32: "fit-32gb", 48: "uniform 5-bit g64",
+                64: "uniform 6-bit g64", 96: "uniform 8-bit g64", 128: "uniform 8-bit g64",
+                192: "uniform 8-bit g64"}
+    for gb, label in expected.items():
+        row, why = recipe_for_mac(gb)
+        assert row["label"].startswith(label) and row["max_context"] >= 4096, (gb, row)
+        assert f"a {gb} GB Mac's GPU may use" in why
+    assert mac_working_set(16) == (10.9, "recorded on an M1")
+    assert mac_working_set(32)[0] == 21.8 and mac_working_set(24) == (16.0, "macOS's rule")
+    with pytest.raises(HermesError, match="no recipe fits a 16 GB Mac.*two Macs"):
+        recipe_for_mac(16)
+
+
+def test_small_mac_recipes_keep_their_size_bounds():
+    from mlx_hermes.formats import recipe
+    from mlx_hermes.profile import HERMES_8X7B, recipe_size
+
+    assert recipe_size(HERMES_8X7B, recipe("fit-32gb")) <= 19.5e9  # 32 GB Mac, 8k context
+    assert recipe_size(HERMES_8X7B, recipe("fit-24gb")) <= 14.0e9  # 24 GB Mac, 4k context
+    assert 26.0e9 < recipe_size(HERMES_8X7B, recipe("uniform", 4)) < 26.6e9

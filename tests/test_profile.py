@@ -150,15 +150,20 @@ def test_detect_elsewhere_measures_a_ceiling():
 
 
 def test_fit_advice_on_made_up_memory():
-    big = {a["bits"]: a for a in prof.fit_advice(48 * 2**30)}  # a 64 GB Mac's working set
-    assert big[4]["fits"] and big[4]["max_context"] == 32768
-    assert big[5]["fits"] and big[5]["max_context"] == 32768
-    assert big[8]["fits"] and big[8]["max_context"] < 10000  # 49.6 GB of 51.5
-    assert not prof.fit_advice(40 * 2**30)[3]["fits"]
-    small = prof.fit_advice(16 * 2**30)
-    assert not any(a["fits"] for a in small)
-    tight = {a["bits"]: a for a in prof.fit_advice(28 * 2**30)}  # 32 GB Mac, limit raised
-    assert tight[4]["fits"] and 0 < tight[4]["max_context"] < 32768
+    def rows(limit):
+        return {a["label"].split(" g")[0] if a["recipe"] in ("uniform", "mixed") else
+                a["recipe"]: a for a in prof.fit_advice(limit)}
+    big = rows(48 * 2**30)  # a 64 GB Mac's working set
+    assert big["uniform 4-bit"]["fits"] and big["uniform 4-bit"]["max_context"] == 32768
+    assert big["uniform 5-bit"]["fits"] and big["uniform 5-bit"]["max_context"] == 32768
+    assert big["uniform 8-bit"]["fits"] and big["uniform 8-bit"]["max_context"] < 10000
+    assert not rows(40 * 2**30)["uniform 8-bit"]["fits"]
+    small = rows(12 * 2**30)
+    assert not any(a["fits"] for a in small.values())
+    tight = rows(28 * 2**30)  # 32 GB Mac, limit raised
+    assert tight["uniform 4-bit"]["fits"] and 0 < tight["uniform 4-bit"]["max_context"] < 32768
+    default_32gb = rows(21.8e9)  # its default working set: only the small-Mac recipes
+    assert [k for k, a in default_32gb.items() if a["fits"]] == ["fit-32gb", "fit-24gb"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -200,3 +205,26 @@ def test_profile_process_smoke():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "decode tok/s" in done.stdout
+
+
+def test_synthetic_models_stored_as_each_recipe_read_fewer_bytes():
+    """profile --synthetic 8x7b --recipe R: the model is built as R stores it, so bytes
+    per token (and the roofline) follow the recipe's size."""
+    from mlx_hermes.formats import recipe
+
+    per_token = {}
+    for name in ("uniform", "fit-32gb", "fit-24gb"):
+        model = prof.synthetic_model("8x7b", 2, dtype=mx.bfloat16, fast_paths=None,
+                                     stored_as=recipe(name))
+        experts = model.layers[0].block_sparse_moe.switch_mlp
+        assert experts.gate_proj.bits == recipe(name).experts.bits
+        assert model.layers[0].self_attn.v_proj.bits == recipe(name).v_proj.bits
+        per_token[name] = prof.bytes_per_token(model, full_layers=32)
+        del model
+    assert per_token["uniform"] > per_token["fit-32gb"] > per_token["fit-24gb"]
+    assert 7.0e9 < per_token["uniform"] < 7.4e9  # the ~7.2 GB a 4-bit token reads
+
+
+def test_recipe_options_apply_to_synthetic_models_only():
+    result = run("--model", "x", "--recipe", "fit-32gb")
+    assert result.exit_code != 0 and "apply to --synthetic only" in result.output
