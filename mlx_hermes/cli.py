@@ -391,16 +391,27 @@ def _reply(session, text: str) -> None:
 @click.option("--compare-mlx-lm", is_flag=True, help="also time mlx-lm's Mixtral on the same weights")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--portable", is_flag=True, help=_PORTABLE_HELP)
+@click.option("--watts", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="this machine's draw while generating, as you measured it: with --kwh-price, "
+                   "the electricity cost per million tokens")
+@click.option("--kwh-price", type=click.FloatRange(min=0), default=None,
+              help="what a kWh costs you (any currency)")
+@click.option("--cloud-price", type=click.FloatRange(min=0), default=None,
+              help="a cloud API's price per million tokens, shown beside it")
 def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int],
             recipe: Optional[str], bits: Optional[str], group_size: Optional[str],
             prompt_tokens: int, gen_tokens: int, trials: int,
-            compare_mlx_lm: bool, as_json: bool, portable: bool) -> None:
+            compare_mlx_lm: bool, as_json: bool, portable: bool, watts: Optional[float],
+            kwh_price: Optional[float], cloud_price: Optional[float]) -> None:
     """Tokens/s and memory bandwidth, against this machine's limit."""
     from . import profile as prof
     from .specialize import FastPaths
 
     if (model is None) == (synthetic is None):
         raise HermesError("give either --model or --synthetic")
+    if (watts is None) != (kwh_price is None) or (cloud_price is not None and watts is None):
+        raise HermesError("the cost needs both --watts and --kwh-price (and --cloud-price only "
+                          "with them)")
     if layers is not None and synthetic is None:
         raise HermesError("--layers applies to --synthetic only")
     if prompt_tokens < 1 or gen_tokens < 2 or trials < 1:
@@ -426,6 +437,8 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
     result = prof.run(model_obj, machine, prompt_tokens, gen_tokens, trials,
                       compare_mlx_lm=compare_mlx_lm, synthetic=synthetic,
                       progress=lambda text: _info(f"profile: {text}"))
+    if watts is not None:
+        result["cost"] = prof.local_cost(result["decode_tps"], watts, kwh_price, cloud_price)
     click.echo(json.dumps(result) if as_json else prof.format_report(result, machine))
 
 
@@ -547,6 +560,32 @@ def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: 
     click.echo(f"serving {name} on http://{host}:{port} (OpenAI: /v1, Ollama: /api)"
                + ("" if api_key is None else ", API key required"), err=True)
     run(app, host=host, port=port)
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help=_MODEL_HELP)
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="plain text, or JSONL with a \"text\" field per line")
+@click.option("--context", type=click.IntRange(min=2), default=512, show_default=True,
+              help="tokens per window (windows do not overlap)")
+@click.option("--compare", "reference", default=None,
+              help="a reference model (e.g. the original checkpoint): adds KL divergence and "
+                   "top-1 agreement")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--portable", is_flag=True, help=_PORTABLE_HELP)
+def perplexity(model: str, data: str, context: int, reference: Optional[str], as_json: bool,
+               portable: bool) -> None:
+    """Perplexity of a model on a text (and its distance from a reference)."""
+    from pathlib import Path
+
+    from . import perplexity as ppl
+
+    texts = ppl.read_texts(Path(data))
+    model_obj, tokenizer = _load(model, context, None, portable)
+    reference_obj = _load(reference, context, None, portable)[0] if reference else None
+    with _bar("windows", _rank0()) as update:
+        result = ppl.perplexity(model_obj, tokenizer, texts, context, reference_obj, update)
+    click.echo(json.dumps(result) if as_json else ppl.format_result(result))
 
 
 @main.command()

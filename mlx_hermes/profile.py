@@ -577,9 +577,30 @@ def run(model: Model, machine: Machine, prompt_tokens: int, gen_tokens: int, tri
     return result
 
 
+def local_cost(decode_tps: float, watts: float, kwh_price: float,
+               cloud_price: Optional[float] = None) -> dict:
+    """Electricity per million generated tokens at the measured decode speed and the
+    draw the user measured (nothing is assumed about power)."""
+    kwh = watts * (1e6 / decode_tps) / 3.6e6
+    return {"watts": watts, "kwh_price": kwh_price, "decode_tps": decode_tps,
+            "kwh_per_million_tokens": kwh, "cost_per_million_tokens": kwh * kwh_price,
+            "cloud_price_per_million_tokens": cloud_price}
+
+
+def format_cost(cost: dict) -> str:
+    line = (f"electricity: {cost['cost_per_million_tokens']:.3f} per million generated tokens "
+            f"({cost['kwh_per_million_tokens']:.2f} kWh at {cost['watts']:.0f} W and "
+            f"{cost['decode_tps']:.1f} tok/s, {cost['kwh_price']} per kWh)")
+    if cost["cloud_price_per_million_tokens"] is not None:
+        line += f"; the cloud price given: {cost['cloud_price_per_million_tokens']}"
+    return line
+
+
 def format_report(result: dict, machine: Machine) -> str:
     """The table, then the per-rank table or the fit advice."""
     parts = [format_table(result)]
+    if "cost" in result:
+        parts.append(format_cost(result["cost"]))
     if "ranks" in result:
         return "\n".join(parts + [format_ranks(result["ranks"])])
     parts.append(format_advice(result["fit"], machine.limit, machine.limit_name))

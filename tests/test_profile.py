@@ -228,3 +228,17 @@ def test_synthetic_models_stored_as_each_recipe_read_fewer_bytes():
 def test_recipe_options_apply_to_synthetic_models_only():
     result = run("--model", "x", "--recipe", "fit-32gb")
     assert result.exit_code != 0 and "apply to --synthetic only" in result.output
+
+
+def test_local_cost_only_from_the_users_figures():
+    cost = prof.local_cost(decode_tps=50.0, watts=90.0, kwh_price=0.30, cloud_price=0.6)
+    # a million tokens at 50 tok/s: 20,000 s at 90 W = 0.5 kWh
+    assert cost["kwh_per_million_tokens"] == pytest.approx(0.5)
+    assert cost["cost_per_million_tokens"] == pytest.approx(0.15)
+    table = run("--synthetic", "tiny", "--prompt-tokens", 8, "--gen-tokens", 3, "--trials", 1,
+                "--watts", 90, "--kwh-price", 0.3, "--cloud-price", 0.6)
+    assert table.exit_code == 0, table.output
+    assert "electricity:" in table.stdout and "the cloud price given: 0.6" in table.stdout
+    plain = run("--synthetic", "tiny", "--prompt-tokens", 8, "--gen-tokens", 3, "--trials", 1)
+    assert "electricity" not in plain.stdout  # no invented power figures
+    assert "needs both --watts and --kwh-price" in run("--synthetic", "tiny", "--watts", 90).output
