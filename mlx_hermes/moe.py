@@ -88,7 +88,8 @@ class Experts(nn.Module):
 @mx.compile
 def _route(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     probs = mx.softmax(logits.astype(mx.float32), axis=-1)  # [..., E]
-    indices = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]  # [..., k]
+    # indices have no gradient (training through the model needs it said)
+    indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])  # [..., k]
     weights = mx.take_along_axis(probs, indices, axis=-1)
     return indices, weights / weights.sum(axis=-1, keepdims=True)
 

@@ -59,13 +59,15 @@ def _log_softmax(logits: mx.array) -> mx.array:
 
 def perplexity(model: Model, tokenizer: Tokenizer, texts: list[str], context: int = 512,
                reference: Optional[Model] = None,
-               progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Perplexity (and its standard error) of `model` on `texts`; with
-    `reference`, the mean KL divergence KL(reference || model) of the
-    next-token distributions and how often their top choice agrees."""
+               progress: Optional[Callable[[int, int], None]] = None,
+               max_windows: Optional[int] = None) -> dict:
+    """Perplexity (and its standard error) of `model` on `texts` (its first
+    `max_windows` windows, if given); with `reference`, the mean KL divergence
+    KL(reference || model) of the next-token distributions and how often
+    their top choice agrees."""
     if context < 2:
         raise HermesError(f"--context must be at least 2, got {context}")
-    parts = windows(tokenizer, texts, context)
+    parts = windows(tokenizer, texts, context)[:max_windows]
     nll, count, kl, agree = [], 0, 0.0, 0
     for n, w in enumerate(parts):
         tokens = mx.array([w])

@@ -1,0 +1,71 @@
+"""Each conversion recipe on a model that learned something: size, held-out
+perplexity and KL divergence from the unquantized model.
+
+    python benchmarks/train_small_mixtral.py small            # on the GPU machine
+    python benchmarks/train_small_mixtral.py unused --heldout held.txt    # held-out text, any machine
+    python benchmarks/recipe_quality.py small --data held.txt [--windows 100]
+
+A ~30M-parameter stand-in ranks the broad choices (expert bits, group sizes,
+where the extra bits go); it says nothing exact about the 46.7B model.
+Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx_hermes  # noqa: E402
+from mlx_hermes import perplexity as ppl  # noqa: E402
+from mlx_hermes import tiny  # noqa: E402
+from mlx_hermes.convert_package import converter_package  # noqa: E402
+
+RECIPES = [("uniform", 8), ("uniform", 6), ("uniform", 5), ("mixed", 4), ("uniform", 4),
+           ("fit-32gb", None), ("fit-24gb", None)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path, help="a checkpoint in the original layout")
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=100, help="score the first N windows only")
+    a = ap.parse_args()
+    if not (a.model / "tokenizer.model").exists():
+        tiny.copy_tokenizer(a.model)
+    converter = converter_package()
+    reference, tokenizer = mlx_hermes.load(a.model)
+    texts = ppl.read_texts(a.data)
+
+    def measure(model, against=None) -> dict:
+        return ppl.perplexity(model, tokenizer, texts, a.context, against,
+                              max_windows=a.windows)
+
+    rows = [{"recipe": "bf16 (unquantized)", **measure(reference)}]
+    with tempfile.TemporaryDirectory() as d:
+        for name, bits in RECIPES:
+            out = Path(d) / f"{name}-{bits}"
+            summary = converter.convert(str(a.model), str(out), bits=bits, recipe=name)
+            model, _ = mlx_hermes.load(out)
+            rows.append({"recipe": summary["label"], "bits_per_weight": summary["bits_per_weight"],
+                         "size_mb": summary["size_bytes"] / 1e6,
+                         **measure(model, reference)})
+            print(f"{rows[-1]['recipe']}: done", file=sys.stderr, flush=True)
+            del model
+            shutil.rmtree(out)
+    print(f"{'recipe':<32} {'bits/w':>7} {'MB':>6} {'perplexity':>16} {'KL':>9} {'top-1':>6}")
+    for r in rows:
+        print(f"{r['recipe']:<32} {r.get('bits_per_weight', 16):7.3f} {r.get('size_mb', 0):6.1f} "
+              f"{r['perplexity']:8.3f} ±{r['perplexity_se']:6.3f} {r.get('kl_divergence', 0):9.5f} "
+              f"{100 * r.get('top1_agreement', 1):5.1f}%")
+    print(json.dumps({"benchmark": "recipe_quality", "tokens": rows[0]["tokens"], "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
