@@ -66,6 +66,7 @@ class Job:
     options: dict  # keyword arguments of `stream_generate`
     sink: Callable[[Event], None]  # called on the worker thread, in order
     cancelled: threading.Event = field(default_factory=threading.Event)
+    sink_failed: bool = False  # its sink raised: nothing more goes to it
 
     def cancel(self) -> None:
         """Stop as soon as the current token is done (or skip it if queued)."""
@@ -170,11 +171,15 @@ class Engine:
 def _deliver(job: Job, event: Event) -> bool:
     """Hand an event to the job's sink. A sink that raises (its client's
     connection broke in a way nobody foresaw) cancels its job and is logged;
-    the worker, and every other request, carries on. False if it raised."""
+    the worker, and every other request, carries on; later events of the job
+    are dropped. False if the sink has failed."""
+    if job.sink_failed:
+        return False
     try:
         job.sink(event)
         return True
     except Exception:
         log.exception("a request's event sink failed; its generation stops")
+        job.sink_failed = True
         job.cancel()
         return False

@@ -425,6 +425,7 @@ def test_the_worker_survives_a_failing_sink_and_logs_it(model, caplog):
     logged = [r for r in caplog.records if r.levelname == "ERROR"]
     assert any("sink failed" in r.getMessage() and r.exc_info for r in logged)
     assert any("request failed" in r.getMessage() and r.exc_info for r in logged)
+    assert sum("sink failed" in r.getMessage() for r in logged) == 2  # once per broken job
 
 
 # ---- the command ---------------------------------------------------------------------------
