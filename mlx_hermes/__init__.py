@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .batching import batch_generate, stream_batch_generate
 from .chat import ChatSession
 from .errors import HermesError
 from .generate import Chunk, generate, stream_generate
@@ -19,7 +20,9 @@ __all__ = [
     "ModelArgs",
     "Tokenizer",
     "__version__",
+    "batch_generate",
     "generate",
     "load",
+    "stream_batch_generate",
     "stream_generate",
 ]

@@ -204,6 +204,72 @@ def generate(model: str, prompt: str, system: Optional[str], raw: bool, stop: tu
         _info(_stats_line(last.stats))
 
 
+@main.command()
+@click.option("--model", "-m", required=True, help=_MODEL_HELP)
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="JSONL, one object per line: \"prompt\" (a user turn; verbatim with "
+                   "\"raw\": true) or \"messages\", and optionally \"system\", \"id\", "
+                   "\"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", "
+                   "\"repetition_penalty\", \"stop\", \"seed\"")
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="JSONL results in input order; an existing one is continued")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="prompts decoded together [default: 16]")
+@click.option("--on-error", type=click.Choice(["skip", "stop"]), default="skip",
+              show_default=True, help="a bad line: write an error record, or stop before "
+                                      "generating anything")
+@click.option("--portable", is_flag=True, help=_PORTABLE_HELP)
+@sampling_options
+def batch(model: str, input_path: str, output_path: str, max_batch: Optional[int],
+          on_error: str, portable: bool, **options) -> None:
+    """Complete every prompt of a JSONL file, many at a time."""
+    from pathlib import Path
+
+    from . import batch_file
+    from .batching import DEFAULT_MAX_BATCH
+
+    if options.pop("kv_bits") is not None:
+        raise HermesError("--kv-bits cannot be used with batch: mlx-lm's quantized KV cache "
+                          "cannot join a batch")
+    if _launched():
+        raise HermesError("batch runs on one machine; under mlx.launch use generate or chat")
+    source, target = Path(input_path), Path(output_path)
+    if not source.is_file():
+        raise HermesError(f"no input file {source}")
+    if target.exists() and target.resolve() == source.resolve():
+        raise HermesError("--output must not be the input file")
+    _sampling(options)  # checked before the slow load
+    model_obj, tokenizer = _load(model, options["max_tokens"] or 512, None, portable)
+    bar = None
+
+    def progress(done: int, total: int, tps: float) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="lines", total=total, file=sys.stderr, unit="line",
+                       bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}"
+                                  "{postfix}]")
+        bar.update(done - bar.n)
+        bar.set_postfix_str(f"{tps:.1f} tok/s", refresh=True)
+
+    try:
+        result = batch_file.run(model_obj, tokenizer, source, target, defaults=options,
+                                max_batch=max_batch or DEFAULT_MAX_BATCH, on_error=on_error,
+                                progress=progress)
+    except (KeyboardInterrupt, _Terminated):
+        if bar is not None:
+            bar.close()
+        click.echo(f"\nstopped: {target} holds the finished lines; run the same command "
+                   "again to continue", err=True)
+        raise
+    if bar is not None:
+        bar.close()
+    click.echo(f"{result['done']} lines written to {target} ({result['errors']} errors, "
+               f"{result['skipped']} done before), {result['generated_tokens']} tokens in "
+               f"{result['seconds']:.1f} s", err=True)
+
+
 CHAT_HELP = """commands:
   /reset         forget the conversation (keeps the system prompt)
   /system TEXT   set the system prompt (no TEXT: remove it)
@@ -389,6 +455,9 @@ def _reply(session, text: str) -> None:
 @click.option("--gen-tokens", type=int, default=128, show_default=True)
 @click.option("--trials", type=int, default=3, show_default=True)
 @click.option("--compare-mlx-lm", is_flag=True, help="also time mlx-lm's Mixtral on the same weights")
+@click.option("--batch", "batch_sizes", default=None, metavar="SIZES",
+              help="batched decode at these stream counts, e.g. 1,4,8,16,32 (with "
+                   "--compare-mlx-lm: against mlx-lm's BatchGenerator)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--portable", is_flag=True, help=_PORTABLE_HELP)
 @click.option("--watts", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -401,12 +470,17 @@ def _reply(session, text: str) -> None:
 def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int],
             recipe: Optional[str], bits: Optional[str], group_size: Optional[str],
             prompt_tokens: int, gen_tokens: int, trials: int,
-            compare_mlx_lm: bool, as_json: bool, portable: bool, watts: Optional[float],
-            kwh_price: Optional[float], cloud_price: Optional[float]) -> None:
+            compare_mlx_lm: bool, batch_sizes: Optional[str], as_json: bool, portable: bool,
+            watts: Optional[float], kwh_price: Optional[float],
+            cloud_price: Optional[float]) -> None:
     """Tokens/s and memory bandwidth, against this machine's limit."""
     from . import profile as prof
     from .specialize import FastPaths
 
+    sizes = _sizes(batch_sizes) if batch_sizes is not None else None
+    if sizes and (layers is not None or watts is not None or _launched()):
+        raise HermesError("--batch measures the whole model on one machine: no --layers, "
+                          "--watts or mlx.launch")
     if (model is None) == (synthetic is None):
         raise HermesError("give either --model or --synthetic")
     if (watts is None) != (kwh_price is None) or (cloud_price is not None and watts is None):
@@ -433,13 +507,42 @@ def profile(model: Optional[str], synthetic: Optional[str], layers: Optional[int
     elif recipe or bits or group_size:
         raise HermesError("--recipe, --bits and --group-size apply to --synthetic only")
     else:
-        model_obj, _ = _load(model, prompt_tokens + gen_tokens, None, portable)
+        model_obj, tokenizer = _load(model, prompt_tokens + gen_tokens, None, portable)
+    if sizes:
+        _profile_batches(model_obj, None if synthetic else tokenizer, sizes, prompt_tokens,
+                         gen_tokens, trials, compare_mlx_lm, as_json)
+        return
     result = prof.run(model_obj, machine, prompt_tokens, gen_tokens, trials,
                       compare_mlx_lm=compare_mlx_lm, synthetic=synthetic,
                       progress=lambda text: _info(f"profile: {text}"))
     if watts is not None:
         result["cost"] = prof.local_cost(result["decode_tps"], watts, kwh_price, cloud_price)
     click.echo(json.dumps(result) if as_json else prof.format_report(result, machine))
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise HermesError(f"--batch takes stream counts like 1,4,8,16,32, not {text!r}")
+    return sizes
+
+
+def _profile_batches(model_obj, tokenizer, sizes: list[int], prompt_tokens: int,
+                     gen_tokens: int, rounds: int, compare_mlx_lm: bool, as_json: bool) -> None:
+    from . import batch_profile
+    from . import profile as prof
+    from .tokenizer import Tokenizer
+    from .tiny import TOKENIZER
+
+    tokenizer = tokenizer or Tokenizer.from_path(TOKENIZER)  # a synthetic model has the real vocab
+    twin = prof.mlx_lm_twin(model_obj, prof._dtype(model_obj)) if compare_mlx_lm else None
+    result = batch_profile.measure(model_obj, tokenizer, sizes, prompt_tokens=prompt_tokens,
+                                   gen_tokens=gen_tokens, rounds=rounds, twin=twin,
+                                   progress=lambda text: _info(f"profile: {text}"))
+    click.echo(json.dumps(result) if as_json else batch_profile.format_table(result))
 
 
 class _bar:
@@ -525,8 +628,11 @@ def convert(hf_path: str, mlx_path: str, recipe: Optional[str], bits: Optional[s
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--api-key", envvar="MLX_HERMES_API_KEY", default=None,
               help="require `Authorization: Bearer KEY` (or set MLX_HERMES_API_KEY)")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="requests decoded together; more wait in the queue [default: 16, or 1 with "
+                   "--kv-bits]")
 @click.option("--max-queue", type=click.IntRange(min=1), default=32, show_default=True,
-              help="requests that may wait; more are refused with 503")
+              help="requests that may wait for a place in the batch; more are refused with 503")
 @click.option("--max-context", type=click.IntRange(min=16), default=None,
               help="most tokens per request, prompt and reply [default: the model's]")
 @click.option("--prompt-cache-gb", type=click.FloatRange(min=0), default=2.0, show_default=True,
@@ -535,8 +641,8 @@ def convert(hf_path: str, mlx_path: str, recipe: Optional[str], bits: Optional[s
 @functools.partial(sampling_options, max_tokens=None,
                    max_tokens_help="default most tokens per reply [default: to the context's end]")
 def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: Optional[str],
-          max_queue: int, max_context: Optional[int], prompt_cache_gb: float, portable: bool,
-          **options) -> None:
+          max_batch: Optional[int], max_queue: int, max_context: Optional[int],
+          prompt_cache_gb: float, portable: bool, **options) -> None:
     """Serve the model over OpenAI- and Ollama-compatible HTTP APIs."""
     from pathlib import Path
 
@@ -546,19 +652,30 @@ def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: 
     if _launched():
         raise HermesError("serve runs on one machine; under mlx.launch use generate, chat or "
                           "profile")
+    from .batching import DEFAULT_MAX_BATCH
+
     _sampling(options)  # checked now; the server applies them per request
     kv_bits = options.pop("kv_bits")
+    if kv_bits is not None and (max_batch or 1) > 1:
+        raise HermesError("--kv-bits runs one request at a time (mlx-lm's quantized KV cache "
+                          "cannot join a batch): drop --max-batch, or --kv-bits")
+    max_batch = max_batch or (1 if kv_bits is not None else DEFAULT_MAX_BATCH)
     _check_port(host, port)  # before a load that can take minutes
     path = resolve_model_path(model)
     model_obj, tokenizer = _load(str(path), max_context or 32768, kv_bits, portable)
     name = model_name or (model if not Path(model).expanduser().exists()
                           else Path(model).expanduser().resolve().name)
-    app = create_app(model_obj, tokenizer, name=name, api_key=api_key, max_queue=max_queue,
+    app = create_app(model_obj, tokenizer, name=name, api_key=api_key, max_batch=max_batch,
+                     max_queue=max_queue,
                      max_context=max_context, cache_bytes=int(prompt_cache_gb * 2**30),
                      kv_bits=kv_bits, defaults=options,
                      weights_bytes=sum(f.stat().st_size for f in weight_files(path)))
+    engine = app.state.engine
     click.echo(f"serving {name} on http://{host}:{port} (OpenAI: /v1, Ollama: /api)"
                + ("" if api_key is None else ", API key required"), err=True)
+    click.echo(f"up to {max_batch} requests decoded together, {max_queue} more may wait; "
+               f"{engine.kv_budget / 1e9:.1f} GB for their KV cache (a request reserves its "
+               "prompt plus max_tokens)", err=True)
     run(app, host=host, port=port)
 
 

@@ -28,12 +28,15 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from .moe import SORT_THRESHOLD, SparseMoeBlock
+from .moe import SparseMoeBlock
 
 # Output rows per warp of each kernel, threads per block. On an H100
 # (benchmarks/moe_decode_kernel.py --sweep) 2/2 and 4/4 were the best of 8
 # settings, 2% apart (one run); 8 rows, or 1 for down, were 10-15% slower.
 GATE_UP_ROWS, DOWN_ROWS, BLOCK = 2, 2, 128
+# The kernels read a chosen expert once per token, as gather_qmm does on
+# CUDA; they take steps of up to 31 tokens (top-2), as before batching.
+KERNEL_MAX_PAIRS = 64
 
 HEADER = r"""
 // 32 activations of bf16 (four 16-byte words at word u) into floats; returns their sum
@@ -225,11 +228,11 @@ def applies(block: SparseMoeBlock, dtype: mx.Dtype) -> bool:
 
 
 class KernelMoeBlock(SparseMoeBlock):
-    """A MoE block that decodes (fewer than SORT_THRESHOLD token-expert pairs)
+    """A MoE block that decodes (fewer than KERNEL_MAX_PAIRS token-expert pairs)
     through the two kernels; prefill runs the portable block."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] * self.top_k < SORT_THRESHOLD:
+        if x.size // x.shape[-1] * self.top_k < KERNEL_MAX_PAIRS:
             return moe(x, self.switch_mlp, self.gate(x), self.top_k)  # [B, L, D]
         return super().__call__(x)
 

@@ -1,15 +1,21 @@
-"""One model serving many requests: a queue, one worker thread, a prefix cache.
+"""One model serving many requests: a bounded queue, one worker thread that
+batches, a prefix cache.
 
-Requests run one at a time on a single worker thread, so at temperature 0
-each gets exactly what it would get alone, and MLX is only ever driven from
-one thread. The queue is bounded: a request that finds it full is refused at
-once (`Busy`) instead of piling up.
+The worker drives a `Batcher` (batching.py): up to `max_batch` requests are
+decoded together, a new one joins at the next step (its prompt prefilled in
+short chunks between decode steps), and a finished or cancelled one leaves at
+once. At temperature 0 each request gets what it would get alone (exactly, in
+float32 on the CPU). MLX is only ever driven from the worker thread. The queue
+is bounded: a request that finds it full is refused at once (`Busy`).
 
 Every finished request leaves its KV cache in mlx-lm's `LRUPromptCache`
 under the tokens it holds; a later request that starts with those tokens
 (the next turn of a chat) prefills only what is new. The cache has a byte
 budget and drops the least recently used entries first: an unbounded one
 once ran a Mac out of memory (mlx-lm #883).
+
+With a quantized KV cache (`kv_bits`) requests run one at a time, through
+`stream_generate`: mlx-lm's quantized cache cannot be merged into a batch.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ from typing import Callable, Optional, Union
 
 from mlx_lm.models.cache import LRUPromptCache
 
+from .batching import DEFAULT_MAX_BATCH, Batcher, Request
 from .cache import make_cache, trim_to
 from .errors import HermesError, first_line
-from .generate import Chunk, stream_generate
+from .generate import Chunk, check_context, stream_generate
+from .memory import kv_budget
 from .model import Model
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 
@@ -60,56 +69,85 @@ class Failed:
 Event = Union[Chunk, Done, Failed]
 
 
-@dataclass
+@dataclass(eq=False)  # a job is its own key in the batch
 class Job:
     ids: list[int]
-    options: dict  # keyword arguments of `stream_generate`
+    options: dict  # max_tokens, sampling, stop: keyword arguments of `stream_generate`
     sink: Callable[[Event], None]  # called on the worker thread, in order
     cancelled: threading.Event = field(default_factory=threading.Event)
     sink_failed: bool = False  # its sink raised: nothing more goes to it
+    generated: list[int] = field(default_factory=list)
 
     def cancel(self) -> None:
-        """Stop as soon as the current token is done (or skip it if queued)."""
+        """Stop before the next step (or skip it if queued)."""
         self.cancelled.set()
+
+    def request(self) -> Request:
+        o = self.options
+        sampling = o.get("sampling") or SamplingParams.pick(o)[0]
+        return Request(self.ids, max_tokens=o.get("max_tokens", 256), sampling=sampling,
+                       stop=tuple(o.get("stop") or ()))
 
 
 class Engine:
-    def __init__(self, model: Model, tokenizer: Tokenizer, *, max_queue: int = 32,
-                 cache_bytes: int = 2 << 30, kv_bits: Optional[int] = None):
+    def __init__(self, model: Model, tokenizer: Tokenizer, *,
+                 max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 32,
+                 cache_bytes: int = 2 << 30, kv_bits: Optional[int] = None,
+                 kv_budget_bytes: Optional[int] = None):
+        if kv_bits is not None and max_batch > 1:
+            raise HermesError("--kv-bits runs one request at a time (mlx-lm's quantized KV "
+                              "cache cannot join a batch): add --max-batch 1, or drop --kv-bits")
         self.model = model
         self.tokenizer = tokenizer
         self.kv_bits = kv_bits
+        self.max_batch = max_batch
         self.max_queue = max_queue
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=cache_bytes)
+        self.kv_budget = kv_budget(cache_bytes) if kv_budget_bytes is None else kv_budget_bytes
+        self.batcher = None if kv_bits is not None else self._batcher()
         self._jobs: queue.Queue[Optional[Job]] = queue.Queue()
         self._lock = threading.Lock()
-        self._waiting = 0
-        self.active: Optional[Job] = None
+        self._queued = 0  # submitted, not yet taken by the worker
+        self._active: list[Job] = []  # taken by the worker, not finished
         self._worker = threading.Thread(target=self._run, name="mlx-hermes-engine", daemon=True)
         self._worker.start()
 
+    def _batcher(self) -> Batcher:
+        return Batcher(self.model, self.tokenizer, max_batch=self.max_batch,
+                       kv_budget_bytes=self.kv_budget, prompt_cache=self.prompt_cache)
+
+    @property
+    def running(self) -> int:
+        """Requests being prefilled or decoded."""
+        if self.batcher is None:
+            return len(self._active)
+        return self.batcher.running
+
     @property
     def waiting(self) -> int:
-        return self._waiting
+        """Requests waiting for a place in the batch."""
+        return self._queued + (self.batcher.waiting if self.batcher is not None else 0)
 
     def submit(self, ids: list[int], options: dict, sink: Callable[[Event], None]) -> Job:
-        """Queue a generation; its events go to `sink`. Raises Busy when full."""
+        """Queue a generation; its events go to `sink`. Raises Busy when the
+        queue is full, HermesError when the request can never run here."""
         job = Job(list(ids), options, sink)
+        if self.batcher is not None:
+            self.batcher.check(job.request())
+        else:
+            check_context(self.model, len(ids), options.get("max_tokens", 256))
         with self._lock:
-            if self._waiting >= self.max_queue:
-                raise Busy(f"the server is busy: {self._waiting} requests are waiting")
-            self._waiting += 1
+            if self.waiting >= self.max_queue:
+                raise Busy(f"the server is busy: {self.waiting} requests are waiting")
+            self._queued += 1
         self._jobs.put(job)
         return job
 
     def cancel_all(self) -> None:
-        """Stop the running job after its current token, and every waiting one."""
-        for job in list(self._jobs.queue):
+        """Stop the running jobs before their next step, and every waiting one."""
+        for job in list(self._jobs.queue) + list(self._active):
             if job is not None:
                 job.cancel()
-        active = self.active
-        if active is not None:
-            active.cancel()
 
     def close(self) -> None:
         """Stop every job and the worker."""
@@ -117,21 +155,90 @@ class Engine:
         self._jobs.put(None)
         self._worker.join(timeout=30)
 
+    # ---- the worker ----------------------------------------------------------------------
+
+    def _take(self, block: bool) -> Optional[list[Job]]:
+        """Jobs submitted since the last step (waiting for one if `block`);
+        None once the engine is closing."""
+        jobs = []
+        try:
+            while True:
+                job = self._jobs.get(block=block and not jobs)
+                if job is None:
+                    return None
+                with self._lock:
+                    self._queued -= 1
+                jobs.append(job)
+                if self.batcher is None:
+                    return jobs  # one at a time
+        except queue.Empty:
+            return jobs
+
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            with self._lock:
-                self._waiting -= 1
-            if job.cancelled.is_set():
-                _deliver(job, Failed("cancelled before it started"))
-                continue
-            self.active = job
-            try:
-                self._generate(job)
-            except Exception as e:  # a request must never take the server down
-                log.exception("request failed: %s", first_line(e))
+        while (jobs := self._take(block=self.batcher is None or not self.batcher.busy)) is not None:
+            for job in jobs:
+                if job.cancelled.is_set():
+                    _deliver(job, Failed("cancelled before it started"))
+                elif self.batcher is None:
+                    self._alone(job)
+                else:
+                    self._join(job)
+            if self.batcher is not None:
+                self._step()
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def _join(self, job: Job) -> None:
+        try:
+            self.batcher.add(job, job.request())
+        except Exception as e:
+            log.exception("request failed: %s", first_line(e))
+            _deliver(job, Failed(first_line(e)))
+            return
+        self._active.append(job)
+
+    def _step(self) -> None:
+        for job in [j for j in self._active if j.cancelled.is_set()]:
+            self._finish(job, "cancelled", self.batcher.cancel(job))
+        try:
+            events = self.batcher.step()
+        except Exception as e:  # a request must never take the server down
+            log.exception("a batch step failed: %s", first_line(e))
+            for job in list(self._active):
                 _deliver(job, Failed(first_line(e)))
-            finally:
-                self.active = None
+            self._active.clear()
+            try:
+                self.batcher.close()
+            except Exception:
+                log.exception("closing the failed batch")
+            self.batcher = self._batcher()
+            return
+        for job, e in self.batcher.failed():
+            log.error("request failed: %s", first_line(e), exc_info=e)
+            self._active.remove(job)
+            _deliver(job, Failed(first_line(e)))
+        for job, chunk in events:
+            job.generated.append(chunk.token)
+            _deliver(job, chunk)
+            if chunk.finish_reason:
+                self._finish(job, chunk.finish_reason, chunk.stats)
+
+    def _finish(self, job: Job, reason: str, stats: Optional[dict]) -> None:
+        self._active.remove(job)
+        stats = stats or {}
+        _deliver(job, Done(reason, len(job.ids), stats.get("cached_tokens", 0),
+                           len(job.generated), stats.get("ttft_s", 0.0),
+                           stats.get("decode_s", 0.0), job.ids + job.generated))
+
+    def _alone(self, job: Job) -> None:
+        self._active.append(job)
+        try:
+            self._generate(job)
+        except Exception as e:  # a request must never take the server down
+            log.exception("request failed: %s", first_line(e))
+            _deliver(job, Failed(first_line(e)))
+        finally:
+            self._active.remove(job)
 
     def _generate(self, job: Job) -> None:
         ids = job.ids

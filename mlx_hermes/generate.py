@@ -61,17 +61,8 @@ def stream_generate(
     Pass `cache` (from `make_cache`) to continue where an earlier call left
     off: the prompt then holds only the new tokens. `progress(done, total)`
     is called during prefill."""
-    if sampling is None:
-        unknown = set(sampling_options) - set(SamplingParams.names())
-        if unknown:
-            raise HermesError(f"unknown option {sorted(unknown)[0]!r}")
-        sampling = SamplingParams(**{k: v for k, v in sampling_options.items()
-                                     if v is not None})
-    elif sampling_options:
-        raise HermesError("give sampling options either as `sampling` or as keywords")
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids or (isinstance(prompt, str) and not prompt):
-        raise HermesError("the prompt is empty")
+    sampling = sampling_of(sampling, sampling_options)
+    ids = prompt_ids(tokenizer, prompt)
     if max_tokens < 1:
         raise HermesError(f"max_tokens must be at least 1, got {max_tokens}")
     if cache is None:
@@ -84,25 +75,7 @@ def stream_generate(
     if coordination is not None:
         sampler, progress = coordination.sampler(sampler), coordination.progress(progress)
     processors = sampling.logits_processors() + list(logits_processors or [])
-    detokenizer = tokenizer.detokenizer
-    stops = StopStrings(stop or ())
-    eos = tokenizer.eos_token_ids
-
-    start = time.perf_counter()
-    first = None
-    n = 0
-
-    def stats() -> dict:
-        end = time.perf_counter()
-        return {
-            "prompt_tokens": len(ids),
-            "prompt_tps": len(ids) / (first - start),
-            "ttft_s": first - start,
-            "generated_tokens": n,
-            # the first token comes out of prefill, so it is not counted here
-            "decode_tps": (n - 1) / (end - first) if n > 1 else 0.0,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9,
-        }
+    reply = Continuation(tokenizer, len(ids), max_tokens, stop)
 
     with wired_limit(model, [generation_stream]):
         steps = generate_step(
@@ -117,25 +90,10 @@ def stream_generate(
         )
         try:
             for token, _ in steps:
-                if first is None:
-                    first = time.perf_counter()
-                n += 1
-                if token in eos:
-                    detokenizer.finalize()
-                    text = stops.flush(detokenizer.last_segment)
-                    yield Chunk(text, token, stats(), "stop")
+                chunk = reply.add(token)
+                yield chunk
+                if chunk.finish_reason:
                     return
-                detokenizer.add_token(token)
-                text, hit = stops.feed(detokenizer.last_segment)
-                if hit:
-                    yield Chunk(text, token, stats(), "stop")
-                    return
-                if n == max_tokens:
-                    detokenizer.finalize()
-                    text += stops.flush(detokenizer.last_segment)
-                    yield Chunk(text, token, stats(), "length")
-                    return
-                yield Chunk(text, token)
         finally:
             steps.close()
             if coordination is not None:
@@ -147,6 +105,26 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, **options) -> s
     return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, **options))
 
 
+def sampling_of(sampling: Optional[SamplingParams], options: dict) -> SamplingParams:
+    """`sampling`, or one made from its fields given as keywords (None: unset)."""
+    if sampling is None:
+        unknown = set(options) - set(SamplingParams.names())
+        if unknown:
+            raise HermesError(f"unknown option {sorted(unknown)[0]!r}")
+        return SamplingParams(**{k: v for k, v in options.items() if v is not None})
+    if options:
+        raise HermesError("give sampling options either as `sampling` or as keywords")
+    return sampling
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+    """Raw text tokenized as is (with one BOS), or token ids as given."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids or (isinstance(prompt, str) and not prompt):
+        raise HermesError("the prompt is empty")
+    return ids
+
+
 def check_context(model: Model, prompt_tokens: int, max_tokens: int) -> None:
     limit = model.args.max_position_embeddings
     if prompt_tokens + max_tokens > limit:
@@ -154,6 +132,60 @@ def check_context(model: Model, prompt_tokens: int, max_tokens: int) -> None:
             f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds "
             f"the model's context of {limit} tokens"
         )
+
+
+class Continuation:
+    """What one sequence's generated tokens become, token by token: text in
+    whole characters, cut at a stop string (never emitted), ended by an
+    end-of-turn token or max_tokens, with statistics on the last chunk. The
+    one rule for this, used by `stream_generate` and the batching engine."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: int, max_tokens: int,
+                 stop: Optional[Iterable[str]] = None, cached_tokens: int = 0):
+        self.detokenizer = tokenizer.detokenizer
+        self.stops = StopStrings(stop or ())
+        self.eos = tokenizer.eos_token_ids
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens  # of prompt_tokens, already in the KV cache
+        self.max_tokens = max_tokens
+        self.tokens: list[int] = []
+        self.start = time.perf_counter()  # restarted when a batch admits the sequence
+        self.first: Optional[float] = None
+
+    def add(self, token: int) -> Chunk:
+        """The chunk for the next generated token; `finish_reason` set on the last."""
+        self.first = self.first or time.perf_counter()
+        self.tokens.append(token)
+        detokenizer = self.detokenizer
+        if token in self.eos:
+            detokenizer.finalize()
+            return Chunk(self.stops.flush(detokenizer.last_segment), token, self.stats(), "stop")
+        detokenizer.add_token(token)
+        text, hit = self.stops.feed(detokenizer.last_segment)
+        if hit:
+            return Chunk(text, token, self.stats(), "stop")
+        if len(self.tokens) == self.max_tokens:
+            detokenizer.finalize()
+            text += self.stops.flush(detokenizer.last_segment)
+            return Chunk(text, token, self.stats(), "length")
+        return Chunk(text, token)
+
+    def stats(self) -> dict:
+        end = time.perf_counter()
+        first = self.first or end
+        n = len(self.tokens)
+        new = self.prompt_tokens - self.cached_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "prompt_tps": new / (first - self.start) if first > self.start else 0.0,
+            "ttft_s": first - self.start,
+            "generated_tokens": n,
+            # the first token comes out of prefill, so it is not counted here
+            "decode_tps": (n - 1) / (end - first) if n > 1 else 0.0,
+            "decode_s": end - first,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        }
 
 
 class StopStrings:

@@ -8,6 +8,7 @@ figure and no check.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,23 @@ def metal_working_set() -> Optional[int]:
     if not mx.metal.is_available():
         return None
     return mx.device_info().get("max_recommended_working_set_size")
+
+
+def device_memory() -> int:
+    """Bytes this process may compute in: on a Mac the GPU's working set, on
+    CUDA the card's memory, on a CPU the machine's RAM."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if info.get(key):
+            return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def kv_budget(reserved: int = 0) -> int:
+    """Bytes left for the KV caches of running sequences: 90% of
+    `device_memory()` less what MLX holds now (the loaded weights) and
+    `reserved` (e.g. the server's prefix cache)."""
+    return max(0, int(device_memory() * 0.9) - mx.get_active_memory() - reserved)
 
 
 def kv_cache_bytes(args: ModelArgs, tokens: int, kv_bits: Optional[int] = None) -> int:

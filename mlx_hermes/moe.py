@@ -14,10 +14,22 @@ from mlx_lm.models.switch_layers import SwitchLinear
 
 from . import fusion
 
-# Below this many (token, expert) pairs the gathered matmuls read each expert
-# once per token anyway; above it, grouping tokens by expert lets each
-# expert's weights be read once for all its tokens (mlx-lm uses the same 64).
-SORT_THRESHOLD = 64
+# When are a step's (token, expert) pairs sorted by expert? MLX's gathered
+# quantized matmul reads an expert's weights once for all of its tokens only
+# on Metal, and there only with sorted pairs of one row each, at least 16 of
+# them and at least 4 per expert on average (GatherQMM in
+# mlx/backend/metal/quantized.cpp takes `gather_qmm_rhs` then); below that it
+# runs one matrix-vector product per pair, sorted or not. So pairs are sorted
+# from max(16, 4 * experts) up: for 8 experts and top-2, from 16 tokens (a
+# batch of 16 decoding sequences, or a prompt of 16 tokens). CUDA's and the
+# CPU's kernels re-read an expert per pair at every size, sorted or not.
+MIN_SORTED_PAIRS = 16
+PAIRS_PER_EXPERT = 4
+
+
+def sort_threshold(num_experts: int) -> int:
+    """The fewest (token, expert) pairs that are sorted by expert."""
+    return max(MIN_SORTED_PAIRS, PAIRS_PER_EXPERT * num_experts)
 
 
 class Experts(nn.Module):
@@ -55,7 +67,7 @@ class Experts(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # x: [..., D], indices: [..., k] -> [..., k, D]
-        if indices.size < SORT_THRESHOLD:
+        if indices.size < sort_threshold(self.down_proj.weight.shape[0]):
             return self.decode(x, indices)
         # Group the (token, expert) pairs by expert: each expert's weights are
         # then read once for all its tokens.

@@ -1,6 +1,7 @@
 """`mlx-hermes serve`: the model behind OpenAI- and Ollama-compatible HTTP APIs.
 
-FastAPI parses and validates; `Engine` queues and generates. Each API speaks
+FastAPI parses and validates; `Engine` queues and generates, batching
+concurrent requests (and a request's several prompts or `n` choices). Each API speaks
 its own dialect, errors included: OpenAI clients get `{"error": {...}}` and
 server-sent events, Ollama clients get `{"error": "..."}` and
 newline-delimited JSON. Everything is checked (types, model name, context)
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import hashlib
 import json
@@ -28,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from . import __version__
+from .batching import DEFAULT_MAX_BATCH
 from .engine import Busy, Done, Engine, Failed
 from .errors import HermesError
 from .generate import Chunk
@@ -72,7 +76,7 @@ class _OpenAISampling(_Body):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[dict] = None
 
@@ -133,14 +137,15 @@ class OllamaGenerateRequest(_OllamaRequest):
 # ---- the app -----------------------------------------------------------------------------
 
 def create_app(model: Model, tokenizer: Tokenizer, *, name: str, api_key: Optional[str] = None,
-               max_queue: int = 32, max_context: Optional[int] = None,
+               max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 32,
+               max_context: Optional[int] = None,
                cache_bytes: int = 2 << 30, kv_bits: Optional[int] = None,
                defaults: Optional[dict] = None, weights_bytes: int = 0) -> FastAPI:
     """An ASGI app serving `model` under `name`. `defaults` are sampling options
     (as for `stream_generate`) used where a request gives none; a missing
     max_tokens means "to the end of the context"."""
-    engine = Engine(model, tokenizer, max_queue=max_queue, cache_bytes=cache_bytes,
-                    kv_bits=kv_bits)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                    cache_bytes=cache_bytes, kv_bits=kv_bits)
     context = min(max_context or model.args.max_position_embeddings,
                   model.args.max_position_embeddings)
     server = _Server(engine, name, context, dict(defaults or {}), weights_bytes)
@@ -167,8 +172,9 @@ def create_app(model: Model, tokenizer: Tokenizer, *, name: str, api_key: Option
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": name, "busy": engine.active is not None,
-                "waiting": engine.waiting}
+        running = engine.running
+        return {"status": "ok", "model": name, "busy": running > 0, "running": running,
+                "waiting": engine.waiting, "max_batch": engine.max_batch}
 
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(request, exc.status, exc.message, exc.code)
@@ -274,37 +280,49 @@ class _Server:
                                     "user or assistant")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def start(self, request: Request, ids: list[int], options: dict,
-              stream: bool) -> AsyncIterator[Union[Chunk, Done, Failed]]:
-        """Queue the job now (a full queue is an error before any response
-        starts) and return its events."""
-        loop = asyncio.get_running_loop()
-        inbox = _Inbox(loop)
-        try:
-            job = self.engine.submit(ids, options, inbox.put)
-        except Busy as e:
-            raise ApiError(503, str(e), "server_busy") from None
-        inbox.job = job
-        return self._events(request, job, inbox, stream)
+    def start(self, request: Request, jobs: list[tuple[list[int], dict]],
+              stream: bool) -> AsyncIterator[tuple[int, Union[Chunk, Done, Failed]]]:
+        """Queue every (ids, options) job now, each a sequence of the batch (a
+        full queue is an error before any response starts), and return their
+        events as (job index, event)."""
+        most = self.engine.max_batch + self.engine.max_queue
+        if len(jobs) > most:
+            raise ApiError(400, f"this request asks for {len(jobs)} sequences; the server runs "
+                                f"{self.engine.max_batch} at once and queues "
+                                f"{self.engine.max_queue}")
+        inbox = _Inbox(asyncio.get_running_loop())
+        for i, (ids, options) in enumerate(jobs):
+            try:
+                job = self.engine.submit(ids, options, functools.partial(inbox.put, i))
+            except (Busy, HermesError) as e:
+                for queued in inbox.jobs:
+                    queued.cancel()
+                if isinstance(e, Busy):
+                    raise ApiError(503, str(e), "server_busy") from None
+                raise ApiError(400, str(e)) from None
+            inbox.jobs.append(job)
+        return self._events(request, inbox, stream)
 
-    async def _events(self, request: Request, job, inbox: "_Inbox",
-                      stream: bool) -> AsyncIterator[Union[Chunk, Done, Failed]]:
-        """A client that goes away cancels the job: when streaming, Starlette
+    async def _events(self, request: Request, inbox: "_Inbox",
+                      stream: bool) -> AsyncIterator[tuple[int, Union[Chunk, Done, Failed]]]:
+        """A client that goes away cancels its jobs: when streaming, Starlette
         cancels this generator; otherwise we poll."""
+        open_jobs = set(range(len(inbox.jobs)))
         try:
-            while True:
+            while open_jobs:
                 try:
                     batch = await asyncio.wait_for(inbox.get(), timeout=None if stream else 1.0)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
-                for event in batch:
-                    yield event
+                for i, event in batch:
+                    yield i, event
                     if isinstance(event, (Done, Failed)):
-                        return
+                        open_jobs.discard(i)
         finally:
-            job.cancel()
+            for job in inbox.jobs:
+                job.cancel()
 
     # ---- OpenAI ------------------------------------------------------------------------
 
@@ -321,33 +339,38 @@ class _Server:
                                **_openai_sampling(body))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": self.name}
-        events = self.start(request, ids, options, body.stream)
+        events = self.start(request, _choices(ids, options, body.n), body.stream)
         if not body.stream:
-            text, done = await _collect(events)
+            texts, dones = await _collect(events, body.n)
             return {**head, "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": done.finish_reason}],
-                    "usage": _usage(done)}
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                                 "logprobs": None, "finish_reason": done.finish_reason}
+                                for i, (text, done) in enumerate(zip(texts, dones))],
+                    "usage": _usage(dones, prompts=1)}
 
         usage = bool((body.stream_options or {}).get("include_usage"))
 
         async def sse() -> AsyncIterator[str]:
             chunk = {**head, "object": "chat.completion.chunk"}
-            yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant",
-                                                                    "content": ""},
-                                              "finish_reason": None}]})
-            async for event in events:
+
+            def choice(i: int, delta: dict, finish: Optional[str] = None) -> str:
+                return _sse({**chunk, "choices": [{"index": i, "delta": delta,
+                                                   "finish_reason": finish}]})
+
+            for i in range(body.n):
+                yield choice(i, {"role": "assistant", "content": ""})
+            dones = {}
+            async for i, event in events:
                 if isinstance(event, Failed):
                     yield _sse({"error": {"message": event.message, "type": "server_error"}})
                     return
                 if isinstance(event, Chunk) and event.text:
-                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": event.text},
-                                                      "finish_reason": None}]})
+                    yield choice(i, {"content": event.text})
                 if isinstance(event, Done):
-                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {},
-                                                      "finish_reason": event.finish_reason}]})
-                    if usage:
-                        yield _sse({**chunk, "choices": [], "usage": _usage(event)})
+                    dones[i] = event
+                    yield choice(i, {}, event.finish_reason)
+            if usage:
+                yield _sse({**chunk, "choices": [], "usage": _usage(dones, prompts=1)})
             yield "data: [DONE]\n\n"
 
         return _stream(sse(), "text/event-stream")
@@ -355,44 +378,46 @@ class _Server:
     async def completions(self, request: Request):
         body = await _parse(request, CompletionRequest)
         self.check_model(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ApiError(400, "prompt must be one string (batches are not supported)")
-            prompt = prompt[0]
-        if not prompt:
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        if not prompts or not all(prompts):
             raise ApiError(400, "the prompt is empty")
         if body.echo:
             raise ApiError(400, "echo is not supported")
-        ids = self.tokenizer.encode(prompt)
         # OpenAI's legacy endpoint stops at 16 tokens unless told otherwise.
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
-        options = self.options(max_tokens, len(ids), context=self.context, cap=False,
-                               **_openai_sampling(body))
+        jobs = []
+        for prompt in prompts:
+            ids = self.tokenizer.encode(prompt)
+            options = self.options(max_tokens, len(ids), context=self.context, cap=False,
+                                   **_openai_sampling(body))
+            jobs += _choices(ids, options, body.n)  # choice p * n + j: prompt p's j-th
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.name}
-        events = self.start(request, ids, options, body.stream)
+        events = self.start(request, jobs, body.stream)
         if not body.stream:
-            text, done = await _collect(events)
-            return {**head, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                         "finish_reason": done.finish_reason}],
-                    "usage": _usage(done)}
+            texts, dones = await _collect(events, len(jobs))
+            return {**head, "choices": [{"index": i, "text": text, "logprobs": None,
+                                         "finish_reason": done.finish_reason}
+                                        for i, (text, done) in enumerate(zip(texts, dones))],
+                    "usage": _usage(dones, prompts=len(prompts))}
 
         usage = bool((body.stream_options or {}).get("include_usage"))
 
         async def sse() -> AsyncIterator[str]:
-            async for event in events:
+            dones = {}
+            async for i, event in events:
                 if isinstance(event, Failed):
                     yield _sse({"error": {"message": event.message, "type": "server_error"}})
                     return
                 if isinstance(event, Chunk) and event.text:
-                    yield _sse({**head, "choices": [{"index": 0, "text": event.text,
+                    yield _sse({**head, "choices": [{"index": i, "text": event.text,
                                                      "logprobs": None, "finish_reason": None}]})
                 if isinstance(event, Done):
-                    yield _sse({**head, "choices": [{"index": 0, "text": "", "logprobs": None,
+                    dones[i] = event
+                    yield _sse({**head, "choices": [{"index": i, "text": "", "logprobs": None,
                                                      "finish_reason": event.finish_reason}]})
-                    if usage:
-                        yield _sse({**head, "choices": [], "usage": _usage(event)})
+            if usage:
+                yield _sse({**head, "choices": [], "usage": _usage(dones, prompts=len(prompts))})
             yield "data: [DONE]\n\n"
 
         return _stream(sse(), "text/event-stream")
@@ -452,7 +477,7 @@ class _Server:
                                presence_penalty=o.presence_penalty,
                                frequency_penalty=o.frequency_penalty)
         start = time.perf_counter_ns()
-        events = self.start(request, ids, options, body.stream)
+        events = self.start(request, [(ids, options)], body.stream)
 
         def part(text: str) -> dict:
             field = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {
@@ -471,11 +496,11 @@ class _Server:
             return out
 
         if not body.stream:
-            text, done = await _collect(events)
+            (text,), (done,) = await _collect(events, 1)
             return final(done, text)
 
         async def ndjson() -> AsyncIterator[str]:
-            async for event in events:
+            async for _, event in events:
                 if isinstance(event, Failed):
                     yield json.dumps({"error": event.message}) + "\n"
                     return
@@ -537,29 +562,30 @@ def _ollama_unsupported(fmt, tools, images: bool) -> None:
 
 
 class _Inbox:
-    """Events from the engine's thread to the event loop, in batches.
+    """Events from the engine's thread to the event loop, in batches, as
+    (job index, event) pairs.
 
     One wake-up per batch, not per token: a fast model (or a client that
     reads slowly) must not flood the loop with callbacks and starve other
-    requests of it. Consecutive chunks are joined into one."""
+    requests of it. Consecutive chunks of one job are joined into one."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.job = None
+        self.jobs: list = []
         self._lock = threading.Lock()
         self._pending: list = []
         self._ready = asyncio.Event()
 
-    def put(self, event) -> None:  # on the engine's thread
+    def put(self, index: int, event) -> None:  # on the engine's thread
         with self._lock:
-            self._pending.append(event)
+            self._pending.append((index, event))
             if len(self._pending) > 1:
                 return  # a wake-up is already on its way
         try:
             self.loop.call_soon_threadsafe(self._ready.set)
         except RuntimeError:  # the event loop is gone: nobody is listening
-            if self.job is not None:
-                self.job.cancel()
+            for job in self.jobs:
+                job.cancel()
 
     async def get(self) -> list:
         await self._ready.wait()
@@ -567,11 +593,17 @@ class _Inbox:
         with self._lock:
             batch, self._pending = self._pending, []
         out: list = []
-        for event in batch:
-            if isinstance(event, Chunk) and out and isinstance(out[-1], Chunk):
-                out[-1] = Chunk(out[-1].text + event.text, event.token)
+        last: dict[int, int] = {}  # job -> where its latest chunk is in out, if nothing since
+        for index, event in batch:
+            at = last.get(index)
+            if isinstance(event, Chunk) and at is not None:
+                out[at] = (index, Chunk(out[at][1].text + event.text, event.token))
+                continue
+            out.append((index, event))
+            if isinstance(event, Chunk):
+                last[index] = len(out) - 1
             else:
-                out.append(event)
+                last.pop(index, None)
         return out
 
 
@@ -589,22 +621,45 @@ async def _parse(request: Request, cls: type[BaseModel]) -> Any:
         raise ApiError(400, _describe(e.errors())) from None
 
 
-async def _collect(events: AsyncIterator) -> tuple[str, Done]:
-    text = []
-    async for event in events:
+async def _collect(events: AsyncIterator, n: int) -> tuple[list[str], list[Done]]:
+    """Each of n jobs' whole text and Done."""
+    texts: list[list[str]] = [[] for _ in range(n)]
+    dones: list[Optional[Done]] = [None] * n
+    async for i, event in events:
         if isinstance(event, Failed):
             raise ApiError(500, event.message, "server_error")
         if isinstance(event, Chunk):
-            text.append(event.text)
+            texts[i].append(event.text)
         if isinstance(event, Done):
-            return "".join(text), event
-    raise ApiError(499, "the client went away", "cancelled")
+            dones[i] = event
+    if any(d is None for d in dones):
+        raise ApiError(499, "the client went away", "cancelled")
+    return ["".join(t) for t in texts], dones
 
 
-def _usage(done: Done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.generated_tokens,
-            "total_tokens": done.prompt_tokens + done.generated_tokens,
-            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+def _choices(ids: list[int], options: dict, n: int) -> list[tuple[list[int], dict]]:
+    """n jobs for one prompt: OpenAI's `n` choices. With a seed, choice j
+    samples with seed + j, so the choices differ and each is repeatable."""
+    seed = options["sampling"].seed
+    if n == 1 or seed is None:
+        return [(ids, options)] * n
+    return [(ids, {**options, "sampling": dataclasses.replace(options["sampling"], seed=seed + j)})
+            for j in range(n)]
+
+
+def _usage(dones: Union[list[Done], dict[int, Done]], prompts: int) -> dict:
+    """Token counts of a response of `prompts` prompts with n choices each
+    (jobs p * n ... p * n + n - 1 share prompt p): each prompt counted once.
+    `dones` by job index, as a list or a dict."""
+    if isinstance(dones, dict):
+        dones = [dones[i] for i in sorted(dones)]
+    n = max(1, len(dones) // prompts)
+    firsts = dones[::n]
+    prompt_tokens = sum(d.prompt_tokens for d in firsts)
+    completion = sum(d.generated_tokens for d in dones)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(d.cached_tokens for d in firsts)}}
 
 
 def _stream(body: AsyncIterator[str], media_type: str) -> StreamingResponse:

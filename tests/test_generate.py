@@ -117,8 +117,8 @@ def test_max_tokens_and_stats(loaded):
     assert len(chunks) == 7 and chunks[-1].finish_reason == "length"
     assert all(c.stats is None for c in chunks[:-1])
     stats = chunks[-1].stats
-    assert set(stats) == {"prompt_tokens", "prompt_tps", "ttft_s", "generated_tokens",
-                          "decode_tps", "peak_memory_gb"}
+    assert set(stats) == {"prompt_tokens", "cached_tokens", "prompt_tps", "ttft_s",
+                          "generated_tokens", "decode_tps", "decode_s", "peak_memory_gb"}
     assert stats["prompt_tokens"] == len(tokenizer.encode("Hello"))
     assert stats["generated_tokens"] == 7
     assert stats["prompt_tps"] > 0 and stats["decode_tps"] > 0 and stats["peak_memory_gb"] > 0

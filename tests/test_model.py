@@ -9,7 +9,7 @@ import torch
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_hermes
-from mlx_hermes.moe import SORT_THRESHOLD, SparseMoeBlock
+from mlx_hermes.moe import SparseMoeBlock, sort_threshold
 
 from .conftest import SHAPES
 
@@ -30,7 +30,7 @@ def prompt(n: int, seed: int = 0) -> list[int]:
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
-@pytest.mark.parametrize("length", [1, 7, 40])  # 40 tokens x top-2 passes SORT_THRESHOLD
+@pytest.mark.parametrize("length", [1, 7, 40])  # 40 tokens x top-2 passes sort_threshold
 def test_logits_match_transformers(hf_checkpoints, torch_models, name, length):
     model, _ = mlx_hermes.load(hf_checkpoints[name])
     tokens = prompt(length, seed=length)
@@ -75,10 +75,15 @@ def test_greedy_continuation_equals_transformers_generate(hf_checkpoints, torch_
 def test_sorted_and_unsorted_expert_dispatch_agree():
     mx.random.seed(0)
     block = SparseMoeBlock(dims=32, hidden_dims=48, num_experts=8, top_k=2)
-    x = mx.random.normal((1, SORT_THRESHOLD, 32))  # 2 * 64 pairs: sorted path
+    x = mx.random.normal((1, sort_threshold(8) // 2, 32))  # top-2: just sorted
     sorted_out = block(x)
     unsorted_out = mx.concatenate([block(x[:, i : i + 1]) for i in range(x.shape[1])], axis=1)
     assert mx.allclose(sorted_out, unsorted_out, atol=1e-5).item()
+
+
+def test_sort_rule_follows_metals_read_once_condition():
+    # 4 pairs per expert, at least 16 pairs: 8 experts sort from 32 pairs (16 decoding streams)
+    assert [sort_threshold(e) for e in (2, 4, 6, 8, 16)] == [16, 16, 24, 32, 64]
 
 
 def test_router_takes_exactly_top_k_and_renormalises():

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 import mlx_hermes
 from mlx_hermes.cli import main
+from mlx_hermes import HermesError
 from mlx_hermes.engine import Busy, Done, Engine
 from mlx_hermes.server import create_app
 
@@ -53,7 +54,7 @@ class LiveServer:
     def wait_idle(self, timeout: float = 10.0) -> float:
         """Seconds until the engine has nothing running or waiting."""
         start = time.time()
-        while self.engine.active is not None or self.engine.waiting:
+        while self.engine.running or self.engine.waiting:
             assert time.time() - start < timeout, "the engine is still busy"
             time.sleep(0.01)
         return time.time() - start
@@ -195,19 +196,71 @@ def test_ollama_stop_seed_and_num_ctx(live, model):
 # ---- concurrency, disconnects, the queue ---------------------------------------------------
 
 def test_sixteen_concurrent_clients_each_get_what_they_get_alone(live, model):
+    # openai and ollama clients at once, decoded together in one batch
     prompts = [f"Tell me fact number {i} about the sea." for i in range(16)]
     expected = [alone(model, chat_ids(model, [{"role": "user", "content": p}]), 8)
                 for p in prompts]
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    local = ollama.Client(host=live.url)
 
-    def ask(prompt: str) -> str:
+    def ask(i: int) -> str:
+        messages = [{"role": "user", "content": prompts[i]}]
+        if i % 2:
+            return local.chat(model=NAME, messages=messages,
+                              options={"num_predict": 8, "temperature": 0}).message.content
         r = client.chat.completions.create(model=NAME, max_tokens=8, temperature=0,
-                                           messages=[{"role": "user", "content": prompt}])
+                                           messages=messages)
         return r.choices[0].message.content
 
     with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(ask, prompts))
+        got = list(pool.map(ask, range(16)))
     assert got == expected
+
+
+def test_a_short_request_finishes_while_a_long_one_decodes(live, model):
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    long = client.chat.completions.create(
+        model=NAME, max_tokens=600, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "Write a long story."}])
+    parts = iter(long)
+    next(parts), next(parts)  # it runs
+    short = client.chat.completions.create(model=NAME, max_tokens=3, temperature=0,
+                                           messages=[{"role": "user", "content": "Hi"}])
+    assert short.usage.completion_tokens == 3
+    health = httpx.get(f"{live.url}/health").json()
+    assert health["running"] == 1 and health["waiting"] == 0  # the long one still decodes
+    assert health["max_batch"] == live.engine.max_batch
+    rest = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+    assert rest and live.wait_idle() < 10
+
+
+def test_completions_with_several_prompts_and_n(live, model):
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    prompts = ["Once upon a time", "The sea", "Hello"]
+    r = client.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in r.choices] == list(range(6))
+    for i, p in enumerate(prompts):  # choices p * n + j, each the prompt's greedy text
+        want = alone(model, model[1].encode(p), 6)
+        assert r.choices[2 * i].text == want and r.choices[2 * i + 1].text == want
+    assert r.usage.prompt_tokens == sum(len(model[1].encode(p)) for p in prompts)
+    assert 0 < r.usage.completion_tokens <= 6 * 6
+
+    # n sampled choices with a seed differ from each other, and repeat
+    body = dict(model=NAME, max_tokens=8, temperature=1.0, seed=5, n=3,
+                messages=[{"role": "user", "content": "Hi"}])
+    first = client.chat.completions.create(**body)
+    again = client.chat.completions.create(**body)
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices] and len(set(texts)) > 1
+    assert first.usage.prompt_tokens == len(chat_ids(model, body["messages"]))
+
+    # streamed: each choice's deltas add up to its text
+    stream = client.chat.completions.create(**body, stream=True)
+    got = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            got[c.index] = got.get(c.index, "") + (c.delta.content or "")
+    assert [got[i] for i in range(3)] == texts
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_model(live, model):
@@ -218,7 +271,7 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(live, model):
             lines = response.iter_lines()
             got = [next(lines) for _ in range(8)]
             assert all(not line or line.startswith("data: ") for line in got)
-            assert live.engine.active is not None
+            assert live.engine.running == 1
         # 1000 tokens take seconds here; a cancelled job ends within a token or two
         assert live.wait_idle(timeout=5.0) < 5.0
     with httpx.Client(timeout=30) as http:
@@ -279,13 +332,14 @@ OLLAMA = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "strea
     ("/v1/chat/completions", {**CHAT, "max_tokens": -5}, 400, "at least 1"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": 10**12}, 400, "exceeds the context"),
     ("/v1/chat/completions", {**CHAT, "model": "gpt-4"}, 404, "does not exist"),
-    ("/v1/chat/completions", {**CHAT, "n": 3}, 400, "n"),
+    ("/v1/chat/completions", {**CHAT, "n": 0}, 400, "n"),
+    ("/v1/chat/completions", {**CHAT, "n": 1000}, 400, "1000 sequences"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400,
      "role"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hi " * 2000}]},
      400, "does not fit"),
     ("/v1/completions", {"model": NAME, "prompt": ""}, 400, "empty"),
-    ("/v1/completions", {"model": NAME, "prompt": ["a", "b"]}, 400, "one string"),
+    ("/v1/completions", {"model": NAME, "prompt": ["a", ""]}, 400, "empty"),
     ("/api/chat", b"{", 400, "not valid JSON"),
     ("/api/chat", {**OLLAMA, "model": "llama3"}, 404, "not found"),
     ("/api/chat", {**OLLAMA, "options": {"num_predict": -7}}, 400, "num_predict"),
@@ -352,8 +406,9 @@ def test_a_follow_up_turn_prefills_only_its_new_tokens(live, model):
 
 
 def test_the_prefix_cache_keeps_to_its_byte_budget(model):
-    # room for about 3 of these prompts' caches (KVCache grows in steps of 256 tokens)
-    layer = 2 * model[0].args.num_key_value_heads * 256 * model[0].args.dims_per_head * 4
+    # room for about 3 of these prompts' caches (a finished sequence's cache holds its tokens)
+    tokens = len(model[1].encode("prompt number 0 " * 20)) + 4
+    layer = 2 * model[0].args.num_key_value_heads * tokens * model[0].args.dims_per_head * 4
     BUDGET = int(3.5 * layer * len(model[0].layers))
     engine = Engine(*model, cache_bytes=BUDGET)
     try:
@@ -387,8 +442,20 @@ def queue_and_wait(engine: Engine, ids: list[int], max_tokens: int):
     return events[-1]
 
 
+def test_kv_bits_serves_one_request_at_a_time(loaded):
+    model = loaded("mqa")  # head dim 32: quantizable KV
+    with pytest.raises(HermesError, match="one request at a time"):
+        Engine(*model, kv_bits=8)  # the default max_batch is for batching
+    engine = Engine(*model, max_batch=1, kv_bits=8)
+    try:
+        done = queue_and_wait(engine, model[1].encode("Hello"), 4)
+        assert isinstance(done, Done) and done.generated_tokens == 4
+    finally:
+        engine.close()
+
+
 def test_engine_refuses_when_the_queue_is_full(model):
-    engine = Engine(*model, max_queue=1)
+    engine = Engine(*model, max_batch=1, max_queue=1)
     try:
         ids = model[1].encode("Hello")
         started = threading.Event()
@@ -400,6 +467,13 @@ def test_engine_refuses_when_the_queue_is_full(model):
         first.cancel()
     finally:
         engine.close()
+
+
+class Unstartable:
+    """Sampling options whose sampler cannot be made: a request that fails in the worker."""
+
+    def sampler(self):
+        raise RuntimeError("no sampler today")
 
 
 def test_the_worker_survives_a_failing_sink_and_logs_it(model, caplog):
@@ -416,7 +490,7 @@ def test_the_worker_survives_a_failing_sink_and_logs_it(model, caplog):
             raise ValueError("and the sink fails too")
 
         engine.submit(ids, {"max_tokens": 50}, broken)
-        engine.submit(ids, {"max_tokens": "many"}, failing_in_except)
+        engine.submit(ids, {"max_tokens": 3, "sampling": Unstartable()}, failing_in_except)
         done = queue_and_wait(engine, ids, 3)  # later requests still run
         assert isinstance(done, Done) and done.generated_tokens == 3
         assert calls["n"] < 50  # the broken job stopped at its first event
@@ -443,6 +517,10 @@ def test_serve_bad_input_is_one_line(tiny_model):
     assert r.exit_code != 0 and "--max-queue" in r.output
     r = runner.invoke(main, ["serve", "-m", str(tiny_model), "--temp", "-1"])
     assert r.exit_code != 0 and "temp" in r.output
+    r = runner.invoke(main, ["serve", "-m", str(tiny_model), "--kv-bits", "4", "--max-batch", "4"])
+    assert r.exit_code == 1 and "--kv-bits runs one request at a time" in r.output
+    r = runner.invoke(main, ["serve", "-m", str(tiny_model), "--max-batch", "0"])
+    assert r.exit_code != 0 and "--max-batch" in r.output
     r = runner.invoke(main, ["serve", "-m", str(tiny_model)], env={"MLX_RANK": "0"})
     assert r.exit_code != 0 and "serve runs on one machine" in r.output
 
