@@ -136,11 +136,15 @@ def measure(model: Model, tokenizer: Tokenizer, sizes: Sequence[int], *,
     for r in range(rounds):
         for size in sizes:
             batch = prompts(size, prompt_tokens, model.args.vocab_size, seed + size)
-            if progress:
-                progress(f"round {r + 1}/{rounds}: {size} streams")
-            runs.setdefault(("ours", size), []).append(ours(model, tokenizer, batch, gen_tokens))
+            mine = ours(model, tokenizer, batch, gen_tokens)
+            runs.setdefault(("ours", size), []).append(mine)
+            said = f"round {r + 1}/{rounds}, {size} streams: {mine['aggregate_tps']:.1f} tok/s"
             if twin is not None:
-                runs.setdefault(("mlx_lm", size), []).append(mlx_lm(twin, batch, gen_tokens))
+                theirs = mlx_lm(twin, batch, gen_tokens)
+                runs.setdefault(("mlx_lm", size), []).append(theirs)
+                said += f" (mlx-lm {theirs['aggregate_tps']:.1f})"
+            if progress:
+                progress(said)
     rows = []
     for size in sizes:
         row = {"batch": size, **_median(runs[("ours", size)])}
