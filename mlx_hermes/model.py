@@ -199,6 +199,17 @@ class DecoderLayer(nn.Module):
         return h + self.block_sparse_moe(self.post_attention_layernorm(h))
 
 
+def attention_mask(h: mx.array, cache: Any) -> Any:
+    """mlx-lm's mask for `h` [B, L, D] over the cache, but none for one token
+    of one sequence: it sees every cached token. mlx-lm's batch cache always
+    makes an array mask, even for a lone sequence (which never has padding:
+    the cache drops the padding its rows share), and attention with an
+    array mask is slower than without."""
+    if h.shape[0] == 1 and h.shape[1] == 1:
+        return None
+    return create_attention_mask(h, cache)
+
+
 class MixtralModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -210,7 +221,7 @@ class MixtralModel(nn.Module):
         h = self.embed_tokens(tokens)  # [B, L, D]
         if cache is None:
             cache = [None] * len(self.layers)
-        mask = create_attention_mask(h, cache[0])
+        mask = attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)
