@@ -45,9 +45,11 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache, LRUPromptCache
 
+from . import grammar
 from .cache import trim_to
 from .errors import HermesError
-from .generate import Chunk, Continuation, Prompt, check_context, prompt_ids, sampling_of
+from .generate import (Chunk, Continuation, Prompt, check_context, prompt_ids, sampling_of,
+                       token_logprob)
 from .memory import GB, kv_budget
 from .model import Model
 from .sampling import SamplingParams, greedy
@@ -77,10 +79,12 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: Sequence[str] = ()
     logits_processors: Sequence[Callable] = ()
+    logprobs: Optional[int] = None  # each token's TokenLogprob, with this many alternatives
+    json_schema: Any = None  # the reply is JSON matching it (grammar.py); True: any object
 
 
 # what a request may set, besides SamplingParams' fields and `sampling`
-REQUEST_OPTIONS = ("max_tokens", "stop", "logits_processors")
+REQUEST_OPTIONS = ("max_tokens", "stop", "logits_processors", "logprobs", "json_schema")
 
 
 def make_request(tokenizer: Tokenizer, prompt: Prompt, options: dict) -> Request:
@@ -99,6 +103,8 @@ def make_request(tokenizer: Tokenizer, prompt: Prompt, options: dict) -> Request
         request.stop = (request.stop,)
     if request.max_tokens < 1:
         raise HermesError(f"max_tokens must be at least 1, got {request.max_tokens}")
+    if request.json_schema is not None:
+        grammar.compile_schema(tokenizer, request.json_schema)  # a bad schema fails now
     return request
 
 
@@ -243,7 +249,9 @@ class Batcher:
         events = []
         for r in responses:
             seq = self._running[r.uid]
-            chunk = seq.reply.add(r.token)
+            top = seq.request.logprobs
+            chunk = seq.reply.add(r.token, None if top is None else
+                                  token_logprob(r.logprobs, r.token, top))
             events.append((seq.key, chunk))
             if chunk.finish_reason is None:
                 continue
@@ -283,7 +291,8 @@ class Batcher:
             all_tokens=[ids[:cached]],
             samplers=[request.sampling.sampler()],
             logits_processors=[request.sampling.logits_processors()
-                               + list(request.logits_processors)])
+                               + list(request.logits_processors)
+                               + grammar.constraint(self.tokenizer, request.json_schema)])
         seq.reply.cached_tokens = cached
         seq.reply.start = time.perf_counter()
         self._running[seq.uid] = seq

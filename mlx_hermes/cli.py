@@ -631,6 +631,10 @@ def convert(hf_path: str, mlx_path: str, recipe: Optional[str], bits: Optional[s
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="requests decoded together; more wait in the queue [default: 16, or 1 with "
                    "--kv-bits]")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="also let web pages from ORIGIN call the server (CORS; repeatable). "
+                   "Localhost, app://, file://, tauri:// and vscode-webview:// are allowed "
+                   "already, as Ollama does")
 @click.option("--max-queue", type=click.IntRange(min=1), default=32, show_default=True,
               help="requests that may wait for a place in the batch; more are refused with 503")
 @click.option("--max-context", type=click.IntRange(min=16), default=None,
@@ -641,8 +645,9 @@ def convert(hf_path: str, mlx_path: str, recipe: Optional[str], bits: Optional[s
 @functools.partial(sampling_options, max_tokens=None,
                    max_tokens_help="default most tokens per reply [default: to the context's end]")
 def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: Optional[str],
-          max_batch: Optional[int], max_queue: int, max_context: Optional[int],
-          prompt_cache_gb: float, portable: bool, **options) -> None:
+          max_batch: Optional[int], allow_origins: tuple, max_queue: int,
+          max_context: Optional[int], prompt_cache_gb: float, portable: bool,
+          **options) -> None:
     """Serve the model over OpenAI- and Ollama-compatible HTTP APIs."""
     from pathlib import Path
 
@@ -666,6 +671,7 @@ def serve(model: str, model_name: Optional[str], host: str, port: int, api_key: 
     name = model_name or (model if not Path(model).expanduser().exists()
                           else Path(model).expanduser().resolve().name)
     app = create_app(model_obj, tokenizer, name=name, api_key=api_key, max_batch=max_batch,
+                     allow_origins=allow_origins,
                      max_queue=max_queue,
                      max_context=max_context, cache_bytes=int(prompt_cache_gb * 2**30),
                      kv_bits=kv_bits, defaults=options,

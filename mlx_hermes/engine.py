@@ -46,6 +46,9 @@ class Busy(HermesError):
     """The queue is full."""
 
 
+SHUTTING_DOWN = "the server is shutting down; try again later"
+
+
 @dataclass
 class Done:
     """The last event of a job: how it ended and what it cost."""
@@ -61,9 +64,12 @@ class Done:
 
 @dataclass
 class Failed:
-    """The job could not run; `message` is one line for the client."""
+    """The job could not run or finish; `message` is one line for the client.
+    `retry` (the server is shutting down): the client may try again later,
+    elsewhere or after a restart, so it is told so (HTTP 503)."""
 
     message: str
+    retry: bool = False
 
 
 Event = Union[Chunk, Done, Failed]
@@ -75,6 +81,7 @@ class Job:
     options: dict  # max_tokens, sampling, stop: keyword arguments of `stream_generate`
     sink: Callable[[Event], None]  # called on the worker thread, in order
     cancelled: threading.Event = field(default_factory=threading.Event)
+    shutdown: bool = False  # cancelled because the engine closes: the client gets Failed
     sink_failed: bool = False  # its sink raised: nothing more goes to it
     generated: list[int] = field(default_factory=list)
 
@@ -86,7 +93,8 @@ class Job:
         o = self.options
         sampling = o.get("sampling") or SamplingParams.pick(o)[0]
         return Request(self.ids, max_tokens=o.get("max_tokens", 256), sampling=sampling,
-                       stop=tuple(o.get("stop") or ()))
+                       stop=tuple(o.get("stop") or ()), logprobs=o.get("logprobs"),
+                       json_schema=o.get("json_schema"))
 
 
 class Engine:
@@ -109,7 +117,10 @@ class Engine:
         self._lock = threading.Lock()
         self._queued = 0  # submitted, not yet taken by the worker
         self._active: list[Job] = []  # taken by the worker, not finished
-        self._worker = threading.Thread(target=self._run, name="mlx-hermes-engine", daemon=True)
+        self.finished = threading.Event()  # the worker has stopped working (it stays parked)
+        self._closing = False
+        self._worker = threading.Thread(target=self._work, name="mlx-hermes-engine",
+                                        daemon=True)
         self._worker.start()
 
     def _batcher(self) -> Batcher:
@@ -144,28 +155,39 @@ class Engine:
         return job
 
     def cancel_all(self) -> None:
-        """Stop the running jobs before their next step, and every waiting one."""
+        """Shutting down: stop the running jobs before their next step, and
+        every waiting one; each ends with Failed(retry=True), never as if
+        its reply were complete."""
         for job in list(self._jobs.queue) + list(self._active):
             if job is not None:
+                job.shutdown = True
                 job.cancel()
 
-    def close(self) -> None:
-        """Stop every job and the worker."""
+    def close(self, timeout: float = 30) -> bool:
+        """Stop every job and the worker's work; True once it has finished.
+
+        The worker thread itself is never ended: it parks. A thread that
+        ends destroys its thread-local MLX state (compiled functions, mlx-lm's
+        samplers) on its way out, and at interpreter shutdown that can call
+        into a Python that is already finalizing and abort the process
+        (SIGABRT, `terminate called without an active exception`). A parked
+        daemon thread is simply not run again."""
         self.cancel_all()
         self._jobs.put(None)
-        self._worker.join(timeout=30)
+        return self.finished.wait(timeout)
 
     # ---- the worker ----------------------------------------------------------------------
 
-    def _take(self, block: bool) -> Optional[list[Job]]:
-        """Jobs submitted since the last step (waiting for one if `block`);
-        None once the engine is closing."""
+    def _take(self, block: bool) -> list[Job]:
+        """Jobs submitted since the last step (waiting for one if `block`).
+        Sets `_closing` when close() was called."""
         jobs = []
         try:
             while True:
                 job = self._jobs.get(block=block and not jobs)
                 if job is None:
-                    return None
+                    self._closing = True
+                    return jobs
                 with self._lock:
                     self._queued -= 1
                 jobs.append(job)
@@ -174,16 +196,43 @@ class Engine:
         except queue.Empty:
             return jobs
 
+    def _work(self) -> None:
+        try:
+            self._run()
+        except BaseException:  # never expected: the worker must still finish and park
+            log.exception("the engine's worker failed")
+        finally:
+            self._fail_left()
+            self.finished.set()
+            log.info("engine stopped")
+        threading.Event().wait()  # parked until the process ends (see close)
+
+    def _fail_left(self) -> None:
+        """Every job still here ends: the server is going away."""
+        left = list(self._active)
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                left.append(job)
+        for job in left:
+            _deliver(job, Failed(SHUTTING_DOWN, retry=True))
+        self._active.clear()
+
     def _run(self) -> None:
-        while (jobs := self._take(block=self.batcher is None or not self.batcher.busy)) is not None:
+        while not self._closing:
+            jobs = self._take(block=self.batcher is None or not self.batcher.busy)
             for job in jobs:
                 if job.cancelled.is_set():
-                    _deliver(job, Failed("cancelled before it started"))
+                    _deliver(job, Failed(SHUTTING_DOWN, retry=True) if job.shutdown
+                             else Failed("cancelled before it started"))
                 elif self.batcher is None:
                     self._alone(job)
                 else:
                     self._join(job)
-            if self.batcher is not None:
+            if self.batcher is not None and not self._closing:
                 self._step()
         if self.batcher is not None:
             self.batcher.close()
@@ -225,6 +274,9 @@ class Engine:
 
     def _finish(self, job: Job, reason: str, stats: Optional[dict]) -> None:
         self._active.remove(job)
+        if reason == "cancelled" and job.shutdown:
+            _deliver(job, Failed(SHUTTING_DOWN, retry=True))
+            return
         stats = stats or {}
         _deliver(job, Done(reason, len(job.ids), stats.get("cached_tokens", 0),
                            len(job.generated), stats.get("ttft_s", 0.0),
@@ -271,6 +323,9 @@ class Engine:
                 self.prompt_cache.insert_cache("model", known[:keep], cache)
         end = time.perf_counter()
         first = first or end
+        if finish == "cancelled" and job.shutdown:
+            _deliver(job, Failed(SHUTTING_DOWN, retry=True))
+            return
         _deliver(job, Done(finish, len(ids), cached, len(generated), first - start, end - first,
                            known))
 

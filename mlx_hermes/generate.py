@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream, wired_limit
 
+from . import grammar
 from .cache import make_cache
 from .errors import HermesError
 from .model import Model
@@ -37,6 +38,32 @@ class Chunk:
     token: int
     stats: Optional[dict] = None
     finish_reason: Optional[str] = None
+    # with the `logprobs` option: per token (one here; more where chunks were
+    # joined), its TokenLogprob
+    logprobs: Optional[list] = None
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability and the `top` most likely tokens'
+    (id, log-probability), most likely first. From the model's distribution
+    after the penalties (repetition, presence, frequency), before temperature
+    and the top-p / top-k / min-p filters: what the model thought, not what
+    the sampler was allowed to pick."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logprobs: mx.array, token: int, top: int) -> TokenLogprob:
+    """TokenLogprob of `token` from a row of log-probabilities [V]."""
+    top_ids: list[int] = []
+    if top > 0:
+        top_ids = mx.argpartition(-logprobs, kth=top - 1)[:top].tolist()
+    values = logprobs[mx.array([token] + top_ids)].astype(mx.float32).tolist()
+    pairs = sorted(zip(top_ids, values[1:]), key=lambda p: -p[1])
+    return TokenLogprob(token, values[0], pairs)
 
 
 def stream_generate(
@@ -52,6 +79,8 @@ def stream_generate(
     cache: Optional[list] = None,
     prefill_step_size: int = 2048,
     progress: Optional[Callable[[int, int], None]] = None,
+    logprobs: Optional[int] = None,
+    json_schema: Any = None,
     **sampling_options: Any,
 ) -> Iterator[Chunk]:
     """Generate from `prompt`: raw text (tokenized as is, with one BOS) or
@@ -60,7 +89,10 @@ def stream_generate(
     as keywords (`temp=0.7, top_p=0.9, seed=1`, ...; greedy by default).
     Pass `cache` (from `make_cache`) to continue where an earlier call left
     off: the prompt then holds only the new tokens. `progress(done, total)`
-    is called during prefill."""
+    is called during prefill. `logprobs=N` gives each chunk the token's
+    TokenLogprob with the N most likely alternatives (0: none).
+    `json_schema` (a JSON schema as a dict or text, or True for any JSON
+    object) constrains the reply to JSON that matches it (grammar.py)."""
     sampling = sampling_of(sampling, sampling_options)
     ids = prompt_ids(tokenizer, prompt)
     if max_tokens < 1:
@@ -74,7 +106,8 @@ def stream_generate(
     coordination = getattr(model, "coordination", None)
     if coordination is not None:
         sampler, progress = coordination.sampler(sampler), coordination.progress(progress)
-    processors = sampling.logits_processors() + list(logits_processors or [])
+    processors = (sampling.logits_processors() + list(logits_processors or [])
+                  + grammar.constraint(tokenizer, json_schema))
     reply = Continuation(tokenizer, len(ids), max_tokens, stop)
 
     with wired_limit(model, [generation_stream]):
@@ -89,8 +122,9 @@ def stream_generate(
             prompt_progress_callback=progress,
         )
         try:
-            for token, _ in steps:
-                chunk = reply.add(token)
+            for token, token_logprobs in steps:
+                chunk = reply.add(token, None if logprobs is None else
+                                  token_logprob(token_logprobs, token, logprobs))
                 yield chunk
                 if chunk.finish_reason:
                     return
@@ -152,8 +186,14 @@ class Continuation:
         self.start = time.perf_counter()  # restarted when a batch admits the sequence
         self.first: Optional[float] = None
 
-    def add(self, token: int) -> Chunk:
+    def add(self, token: int, logprob: Optional["TokenLogprob"] = None) -> Chunk:
         """The chunk for the next generated token; `finish_reason` set on the last."""
+        chunk = self._add(token)
+        if logprob is not None:
+            chunk.logprobs = [logprob]
+        return chunk
+
+    def _add(self, token: int) -> Chunk:
         self.first = self.first or time.perf_counter()
         self.tokens.append(token)
         detokenizer = self.detokenizer

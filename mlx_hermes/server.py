@@ -26,15 +26,16 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
-from . import __version__
+from . import __version__, grammar
 from .batching import DEFAULT_MAX_BATCH
 from .engine import Busy, Done, Engine, Failed
 from .errors import HermesError
-from .generate import Chunk
+from .generate import Chunk, TokenLogprob
 from .model import Model
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -49,10 +50,35 @@ class ApiError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
+# Hermes's ChatML as an Ollama (Go) template, and its stop word, for /api/show.
+CHATML_TEMPLATE = ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+                   "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+                   "{{ end }}<|im_start|>assistant\n")
+STOP_WORDS = ("<|im_end|>",)
+KEPT_LOADED_UNTIL = "2318-01-01T00:00:00Z"  # /api/ps: as Ollama says of keep_alive -1
+DISCONNECT_POLL_S = 0.5  # how often a request asks whether its client is still there
+RETRY_AFTER_S = 5  # what a 503 (a full queue, a shutdown) tells the client to wait
+# The Ollama release whose API this server follows (clients read /api/version to
+# decide what to send): logprobs in /api/chat and /api/generate, as ollama-python 0.6 speaks it.
+OLLAMA_API_VERSION = "0.13.0"
+# Browser pages and editor extensions Ollama lets in by default (CORS); --allow-origin adds more.
+DEFAULT_ORIGINS = r"(https?://(localhost|127\.0\.0\.1|0\.0\.0\.0)(:\d+)?" \
+                  r"|(app|file|tauri|vscode-webview)://.*)"
+
+
 # ---- request bodies ----------------------------------------------------------------------
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send many fields we need not read
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's clients send `"n": null`, `"stream": null` and Ollama's
+        `"content": null` for "not given": null means the field's default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class TextPart(_Body):
@@ -85,11 +111,15 @@ class ChatCompletionRequest(_OpenAISampling):
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
     tools: Optional[list] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    response_format: Optional[dict] = None
 
 
 class CompletionRequest(_OpenAISampling):
     prompt: Union[str, list[str]]
     echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=5)  # the legacy API: how many alternatives
 
 
 class OllamaMessage(_Body):
@@ -119,6 +149,14 @@ class _OllamaRequest(_Body):
     options: OllamaOptions = Field(default_factory=OllamaOptions)
     format: Optional[Any] = None
     keep_alive: Optional[Any] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+
+class OllamaShowRequest(_Body):
+    model: Optional[str] = None
+    name: Optional[str] = None  # older clients
+    verbose: bool = False
 
 
 class OllamaChatRequest(_OllamaRequest):
@@ -137,6 +175,7 @@ class OllamaGenerateRequest(_OllamaRequest):
 # ---- the app -----------------------------------------------------------------------------
 
 def create_app(model: Model, tokenizer: Tokenizer, *, name: str, api_key: Optional[str] = None,
+               allow_origins: tuple[str, ...] = (),
                max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 32,
                max_context: Optional[int] = None,
                cache_bytes: int = 2 << 30, kv_bits: Optional[int] = None,
@@ -166,6 +205,9 @@ def create_app(model: Model, tokenizer: Tokenizer, *, name: str, api_key: Option
     app = FastAPI(title="mlx-hermes", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=lifespan)
     app.state.engine = engine
+    app.add_middleware(CORSMiddleware, allow_origin_regex=DEFAULT_ORIGINS,
+                       allow_origins=list(allow_origins), allow_methods=["*"],
+                       allow_headers=["*"], expose_headers=["Retry-After"])
     router = APIRouter(dependencies=[Depends(check_key)])
     server.add_routes(router)
     app.include_router(router)
@@ -194,12 +236,13 @@ def create_app(model: Model, tokenizer: Tokenizer, *, name: str, api_key: Option
 
 def _error(request: Request, status: int, message: str,
            code: str = "invalid_request_error") -> JSONResponse:
-    """An error in the dialect of the API that was called."""
+    """An error in the dialect of the API that was called (a 503 says when to retry)."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     if request.url.path.startswith("/api/"):
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": None,
-                                   "code": code}}, status_code=status)
+                                   "code": code}}, status_code=status, headers=headers)
 
 
 def _describe(errors: list) -> str:
@@ -230,6 +273,8 @@ class _Server:
         r.add_api_route("/api/chat", self.ollama_chat, methods=["POST"])
         r.add_api_route("/api/generate", self.ollama_generate, methods=["POST"])
         r.add_api_route("/api/tags", self.tags, methods=["GET"])
+        r.add_api_route("/api/show", self.show, methods=["POST"])
+        r.add_api_route("/api/ps", self.ps, methods=["GET"])
         r.add_api_route("/api/version", self.version, methods=["GET"])
         r.add_api_route("/", self.root, methods=["GET", "HEAD"])
 
@@ -245,7 +290,8 @@ class _Server:
         raise ApiError(404, message, "model_not_found")
 
     def options(self, max_tokens: Optional[int], prompt_tokens: int, *, context: int,
-                cap: bool, **given: Any) -> dict:
+                cap: bool, logprobs: Optional[int] = None, json_schema: Any = None,
+                **given: Any) -> dict:
         """`stream_generate` options: the request's values over the server's
         defaults, checked; max_tokens fitted to the context."""
         room = context - prompt_tokens
@@ -271,7 +317,19 @@ class _Server:
             raise ApiError(400, str(e)) from None
         stop = rest.get("stop")
         return {"sampling": sampling, "stop": [stop] if isinstance(stop, str) else list(stop or []),
-                "max_tokens": max_tokens}
+                "max_tokens": max_tokens, "logprobs": logprobs,
+                "json_schema": self.schema(json_schema)}
+
+    def schema(self, schema: Any) -> Any:
+        """A request's JSON schema (or True: any JSON object), checked now: one
+        that the grammar engine cannot compile is a 400 naming the problem."""
+        if schema is None:
+            return None
+        try:
+            grammar.compile_schema(self.tokenizer, schema)
+        except HermesError as e:
+            raise ApiError(400, str(e)) from None
+        return schema
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         for m in messages:
@@ -305,17 +363,21 @@ class _Server:
 
     async def _events(self, request: Request, inbox: "_Inbox",
                       stream: bool) -> AsyncIterator[tuple[int, Union[Chunk, Done, Failed]]]:
-        """A client that goes away cancels its jobs: when streaming, Starlette
-        cancels this generator; otherwise we poll."""
+        """A client that goes away cancels its jobs within DISCONNECT_POLL_S:
+        we ask whether it is still there that often, tokens arriving or not
+        (Starlette would notice a stream's disconnect only at its next write)."""
         open_jobs = set(range(len(inbox.jobs)))
+        asked = time.monotonic()
         try:
             while open_jobs:
                 try:
-                    batch = await asyncio.wait_for(inbox.get(), timeout=None if stream else 1.0)
+                    batch = await asyncio.wait_for(inbox.get(), timeout=DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    batch = []
+                if time.monotonic() - asked >= DISCONNECT_POLL_S:
+                    asked = time.monotonic()
                     if await request.is_disconnected():
                         return
-                    continue
                 for i, event in batch:
                     yield i, event
                     if isinstance(event, (Done, Failed)):
@@ -335,17 +397,28 @@ class _Server:
         ids = self.chat_ids(messages)
         max_tokens = (body.max_tokens if body.max_completion_tokens is None
                       else body.max_completion_tokens)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true")
         options = self.options(max_tokens, len(ids), context=self.context, cap=False,
+                               logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                               json_schema=_response_format(body.response_format),
                                **_openai_sampling(body))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": self.name}
         events = self.start(request, _choices(ids, options, body.n), body.stream)
+        tok = self.tokenizer
+
+        def logprobs(entries: Optional[list]) -> Optional[dict]:
+            if not body.logprobs:
+                return None
+            return {"content": [_openai_logprob(tok, e) for e in entries or []], "refusal": None}
+
         if not body.stream:
-            texts, dones = await _collect(events, body.n)
+            texts, dones, lps = await _collect(events, body.n)
             return {**head, "object": "chat.completion",
                     "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": done.finish_reason}
-                                for i, (text, done) in enumerate(zip(texts, dones))],
+                                 "logprobs": logprobs(lp), "finish_reason": done.finish_reason}
+                                for i, (text, done, lp) in enumerate(zip(texts, dones, lps))],
                     "usage": _usage(dones, prompts=1)}
 
         usage = bool((body.stream_options or {}).get("include_usage"))
@@ -353,8 +426,10 @@ class _Server:
         async def sse() -> AsyncIterator[str]:
             chunk = {**head, "object": "chat.completion.chunk"}
 
-            def choice(i: int, delta: dict, finish: Optional[str] = None) -> str:
+            def choice(i: int, delta: dict, finish: Optional[str] = None,
+                       entries: Optional[list] = None) -> str:
                 return _sse({**chunk, "choices": [{"index": i, "delta": delta,
+                                                   "logprobs": logprobs(entries),
                                                    "finish_reason": finish}]})
 
             for i in range(body.n):
@@ -364,8 +439,8 @@ class _Server:
                 if isinstance(event, Failed):
                     yield _sse({"error": {"message": event.message, "type": "server_error"}})
                     return
-                if isinstance(event, Chunk) and event.text:
-                    yield choice(i, {"content": event.text})
+                if isinstance(event, Chunk) and (event.text or event.logprobs):
+                    yield choice(i, {"content": event.text}, entries=event.logprobs)
                 if isinstance(event, Done):
                     dones[i] = event
                     yield choice(i, {}, event.finish_reason)
@@ -389,16 +464,22 @@ class _Server:
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt)
             options = self.options(max_tokens, len(ids), context=self.context, cap=False,
-                                   **_openai_sampling(body))
+                                   logprobs=body.logprobs, **_openai_sampling(body))
             jobs += _choices(ids, options, body.n)  # choice p * n + j: prompt p's j-th
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.name}
         events = self.start(request, jobs, body.stream)
+        tok = self.tokenizer
+
+        def logprobs(entries: Optional[list]) -> Optional[dict]:
+            return None if body.logprobs is None else _legacy_logprobs(tok, entries or [])
+
         if not body.stream:
-            texts, dones = await _collect(events, len(jobs))
-            return {**head, "choices": [{"index": i, "text": text, "logprobs": None,
+            texts, dones, lps = await _collect(events, len(jobs))
+            return {**head, "choices": [{"index": i, "text": text, "logprobs": logprobs(lp),
                                          "finish_reason": done.finish_reason}
-                                        for i, (text, done) in enumerate(zip(texts, dones))],
+                                        for i, (text, done, lp) in enumerate(zip(texts, dones,
+                                                                                 lps))],
                     "usage": _usage(dones, prompts=len(prompts))}
 
         usage = bool((body.stream_options or {}).get("include_usage"))
@@ -409,9 +490,10 @@ class _Server:
                 if isinstance(event, Failed):
                     yield _sse({"error": {"message": event.message, "type": "server_error"}})
                     return
-                if isinstance(event, Chunk) and event.text:
+                if isinstance(event, Chunk) and (event.text or event.logprobs):
                     yield _sse({**head, "choices": [{"index": i, "text": event.text,
-                                                     "logprobs": None, "finish_reason": None}]})
+                                                     "logprobs": logprobs(event.logprobs),
+                                                     "finish_reason": None}]})
                 if isinstance(event, Done):
                     dones[i] = event
                     yield _sse({**head, "choices": [{"index": i, "text": "", "logprobs": None,
@@ -438,7 +520,7 @@ class _Server:
     async def ollama_chat(self, request: Request):
         body = await _parse(request, OllamaChatRequest)
         self.check_model(body.model, ollama=True)
-        _ollama_unsupported(body.format, body.tools, any(m.images for m in body.messages))
+        _ollama_unsupported(body.tools, any(m.images for m in body.messages))
         if not body.messages:  # Ollama's way of loading a model: nothing to generate
             return {"model": body.model, "created_at": _now(), "message": {
                 "role": "assistant", "content": ""}, "done": True, "done_reason": "load"}
@@ -449,7 +531,7 @@ class _Server:
     async def ollama_generate(self, request: Request):
         body = await _parse(request, OllamaGenerateRequest)
         self.check_model(body.model, ollama=True)
-        _ollama_unsupported(body.format, None, bool(body.images))
+        _ollama_unsupported(None, bool(body.images))
         if not body.prompt:
             return {"model": body.model, "created_at": _now(), "response": "", "done": True,
                     "done_reason": "load"}
@@ -470,7 +552,11 @@ class _Server:
             context if o.num_predict < 0 else o.num_predict)
         if o.num_predict == 0:
             raise ApiError(400, "options.num_predict must not be 0")
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true")
         options = self.options(max_tokens, len(ids), context=context, cap=True,
+                               logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                               json_schema=_ollama_format(body.format),
                                temp=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p,
                                seed=o.seed, stop=o.stop, repetition_penalty=o.repeat_penalty,
                                repetition_context_size=o.repeat_last_n,
@@ -479,15 +565,19 @@ class _Server:
         start = time.perf_counter_ns()
         events = self.start(request, [(ids, options)], body.stream)
 
-        def part(text: str) -> dict:
+        def part(text: str, entries: Optional[list] = None) -> dict:
             field = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {
                 "response": text}
+            if body.logprobs:
+                field["logprobs"] = [_ollama_logprob(self.tokenizer, e) for e in entries or []]
             return {"model": body.model, "created_at": _now(), **field}
 
-        def final(done: Done, text: str = "") -> dict:
-            out = {**part(text), "done": True, "done_reason": done.finish_reason,
+        def final(done: Done, text: str = "", entries: Optional[list] = None) -> dict:
+            out = {**part(text, entries), "done": True, "done_reason": done.finish_reason,
                    "total_duration": time.perf_counter_ns() - start, "load_duration": 0,
-                   "prompt_eval_count": done.prompt_tokens - done.cached_tokens,
+                   # the whole prompt, as current Ollama counts it; the cached part apart
+                   "prompt_eval_count": done.prompt_tokens,
+                   "prompt_eval_cached_count": done.cached_tokens,
                    "prompt_eval_duration": int(done.prefill_s * 1e9),
                    "eval_count": done.generated_tokens,
                    "eval_duration": int(done.decode_s * 1e9)}
@@ -496,35 +586,85 @@ class _Server:
             return out
 
         if not body.stream:
-            (text,), (done,) = await _collect(events, 1)
-            return final(done, text)
+            (text,), (done,), (entries,) = await _collect(events, 1)
+            return final(done, text, entries)
 
         async def ndjson() -> AsyncIterator[str]:
             async for _, event in events:
                 if isinstance(event, Failed):
                     yield json.dumps({"error": event.message}) + "\n"
                     return
-                if isinstance(event, Chunk) and event.text:
-                    yield json.dumps({**part(event.text), "done": False}) + "\n"
+                if isinstance(event, Chunk) and (event.text or event.logprobs):
+                    yield json.dumps({**part(event.text, event.logprobs), "done": False}) + "\n"
                 if isinstance(event, Done):
                     yield json.dumps(final(event)) + "\n"
 
         return _stream(ndjson(), "application/x-ndjson")
 
-    def tags(self) -> dict:
-        a = self.engine.model.args
+    def _details(self) -> dict:
         bits = {getattr(m, "bits", None) for _, m in self.engine.model.named_modules()} - {None}
-        level = f"Q{min(bits)}" if bits else "F16"
+        return {"parent_model": "", "format": "safetensors", "family": "mixtral",
+                "families": ["mixtral"], "parameter_size": _parameter_size(self.engine.model.args),
+                "quantization_level": f"Q{min(bits)}" if bits else "F16"}
+
+    def _digest(self) -> str:
+        return hashlib.sha256(f"{self.name}{self.weights_bytes}".encode()).hexdigest()
+
+    def tags(self) -> dict:
         return {"models": [{
             "name": f"{self.name}:latest", "model": f"{self.name}:latest",
             "modified_at": datetime.fromtimestamp(self.created, timezone.utc).isoformat(),
-            "size": self.weights_bytes,
-            "digest": hashlib.sha256(f"{self.name}{self.weights_bytes}".encode()).hexdigest(),
-            "details": {"format": "safetensors", "family": "mixtral", "families": ["mixtral"],
-                        "parameter_size": _parameter_size(a), "quantization_level": level}}]}
+            "size": self.weights_bytes, "digest": self._digest(), "details": self._details()}]}
+
+    async def show(self, request: Request) -> dict:
+        """What Ollama's /api/show says of a model: Continue reads num_ctx, the
+        stop words and the template here; LlamaIndex calls it before each request."""
+        body = await _parse(request, OllamaShowRequest)
+        self.check_model(body.model or body.name, ollama=True)
+        a = self.engine.model.args
+        parameters = [f"num_ctx {self.context}"] + [f'stop "{s}"' for s in STOP_WORDS]
+        for ours, theirs in (("temp", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+                             ("min_p", "min_p"), ("max_tokens", "num_predict")):
+            if self.defaults.get(ours) is not None:
+                parameters.append(f"{theirs} {self.defaults[ours]}")
+        return {
+            "modelfile": f"# served by mlx-hermes {__version__}\nFROM {self.name}\n"
+                         f'TEMPLATE """{CHATML_TEMPLATE}"""\n'
+                         + "".join(f"PARAMETER {p}\n" for p in parameters),
+            "parameters": "\n".join(parameters),
+            "template": CHATML_TEMPLATE,
+            "details": self._details(),
+            "model_info": {
+                "general.architecture": "mixtral",
+                "general.parameter_count": _parameter_count(a),
+                "mixtral.context_length": a.max_position_embeddings,
+                "mixtral.embedding_length": a.hidden_size,
+                "mixtral.block_count": a.num_hidden_layers,
+                "mixtral.feed_forward_length": a.intermediate_size,
+                "mixtral.attention.head_count": a.num_attention_heads,
+                "mixtral.attention.head_count_kv": a.num_key_value_heads,
+                "mixtral.attention.key_length": a.dims_per_head,
+                "mixtral.attention.layer_norm_rms_epsilon": a.rms_norm_eps,
+                "mixtral.expert_count": a.num_local_experts,
+                "mixtral.expert_used_count": a.num_experts_per_tok,
+                "mixtral.rope.freq_base": a.rope_theta,
+                "mixtral.vocab_size": a.vocab_size,
+            },
+            "capabilities": ["completion"],
+            "modified_at": datetime.fromtimestamp(self.created, timezone.utc).isoformat(),
+        }
+
+    def ps(self) -> dict:
+        """The loaded model: it stays loaded for as long as the server runs
+        (`keep_alive` is accepted, and changes nothing)."""
+        return {"models": [{
+            "name": f"{self.name}:latest", "model": f"{self.name}:latest",
+            "size": self.weights_bytes, "size_vram": self.weights_bytes,
+            "digest": self._digest(), "details": self._details(),
+            "expires_at": KEPT_LOADED_UNTIL, "context_length": self.context}]}
 
     def version(self) -> dict:
-        return {"version": __version__}
+        return {"version": OLLAMA_API_VERSION}
 
     def root(self) -> PlainTextResponse:
         return PlainTextResponse("mlx-hermes is running")
@@ -552,9 +692,35 @@ def _openai_sampling(body: _OpenAISampling) -> dict:
             "frequency_penalty": body.frequency_penalty}
 
 
-def _ollama_unsupported(fmt, tools, images: bool) -> None:
-    if fmt:
-        raise ApiError(400, "format (structured output) is not supported by this server")
+def _response_format(fmt: Optional[dict]) -> Any:
+    """OpenAI's response_format as a json_schema option: text (None), any
+    object (json_object) or a schema (json_schema; `strict` or not, the
+    output always matches it)."""
+    if not fmt or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return True
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object")
+        return schema
+    raise ApiError(400, f"response_format type {fmt.get('type')!r} is not supported: use text, "
+                        "json_object or json_schema")
+
+
+def _ollama_format(fmt: Any) -> Any:
+    """Ollama's format: "json" (any JSON object) or a JSON schema."""
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return True
+    if isinstance(fmt, dict):
+        return fmt
+    raise ApiError(400, f"format must be \"json\" or a JSON schema, not {fmt!r}")
+
+
+def _ollama_unsupported(tools, images: bool) -> None:
     if tools:
         raise ApiError(400, "tools are not supported by this server")
     if images:
@@ -597,7 +763,10 @@ class _Inbox:
         for index, event in batch:
             at = last.get(index)
             if isinstance(event, Chunk) and at is not None:
-                out[at] = (index, Chunk(out[at][1].text + event.text, event.token))
+                before = out[at][1]
+                joined = (before.logprobs or []) + (event.logprobs or [])
+                out[at] = (index, Chunk(before.text + event.text, event.token,
+                                        logprobs=joined or None))
                 continue
             out.append((index, event))
             if isinstance(event, Chunk):
@@ -621,20 +790,55 @@ async def _parse(request: Request, cls: type[BaseModel]) -> Any:
         raise ApiError(400, _describe(e.errors())) from None
 
 
-async def _collect(events: AsyncIterator, n: int) -> tuple[list[str], list[Done]]:
-    """Each of n jobs' whole text and Done."""
+async def _collect(events: AsyncIterator, n: int) -> tuple[list[str], list[Done], list[list]]:
+    """Each of n jobs' whole text, Done and token logprobs (if asked for)."""
     texts: list[list[str]] = [[] for _ in range(n)]
     dones: list[Optional[Done]] = [None] * n
+    logprobs: list[list] = [[] for _ in range(n)]
     async for i, event in events:
         if isinstance(event, Failed):
+            if event.retry:
+                raise ApiError(503, event.message, "server_shutting_down")
             raise ApiError(500, event.message, "server_error")
         if isinstance(event, Chunk):
             texts[i].append(event.text)
+            logprobs[i] += event.logprobs or []
         if isinstance(event, Done):
             dones[i] = event
     if any(d is None for d in dones):
         raise ApiError(499, "the client went away", "cancelled")
-    return ["".join(t) for t in texts], dones
+    return ["".join(t) for t in texts], dones, logprobs
+
+
+def _token(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
+    data = tokenizer.token_bytes(token)
+    return data.decode("utf-8", errors="replace"), list(data)
+
+
+def _openai_logprob(tokenizer: Tokenizer, lp: TokenLogprob) -> dict:
+    """Chat completions' shape: token, logprob, bytes, top_logprobs."""
+    def entry(token: int, logprob: float) -> dict:
+        text, data = _token(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": data}
+    return {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+
+
+def _legacy_logprobs(tokenizer: Tokenizer, entries: list) -> dict:
+    """/v1/completions' shape: parallel lists, offsets into the choice's text."""
+    tokens = [_token(tokenizer, e.token)[0] for e in entries]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_token(tokenizer, t)[0]: v for t, v in e.top} for e in entries],
+            "text_offset": offsets}
+
+
+def _ollama_logprob(tokenizer: Tokenizer, lp: TokenLogprob) -> dict:
+    return {"token": _token(tokenizer, lp.token)[0], "logprob": lp.logprob,
+            "top_logprobs": [{"token": _token(tokenizer, t)[0], "logprob": v}
+                             for t, v in lp.top]}
 
 
 def _choices(ids: list[int], options: dict, n: int) -> list[tuple[list[int], dict]]:
@@ -675,12 +879,16 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _parameter_size(a) -> str:
+def _parameter_count(a) -> int:
     attention = a.hidden_size * a.dims_per_head * (2 * a.num_attention_heads
                                                    + 2 * a.num_key_value_heads)
     experts = 3 * a.hidden_size * a.intermediate_size * a.num_local_experts
     router = a.hidden_size * a.num_local_experts
-    total = a.num_hidden_layers * (attention + experts + router) + 2 * a.vocab_size * a.hidden_size
+    return a.num_hidden_layers * (attention + experts + router) + 2 * a.vocab_size * a.hidden_size
+
+
+def _parameter_size(a) -> str:
+    total = _parameter_count(a)
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if total >= scale:
             return f"{total / scale:.1f}{unit}"

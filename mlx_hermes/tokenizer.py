@@ -139,6 +139,11 @@ class Tokenizer:
         ids = [self.bos_token_id] if bos and self.bos_token_id is not None else []
         return ids + self._backend.encode(text, self)
 
+    def encode_exact(self, text: str) -> list[int]:
+        """Ids whose bytes (`token_bytes`) spell `text` exactly: no BOS, no
+        SentencePiece dummy prefix. What a grammar engine tokenizes with."""
+        return self._backend.encode_exact(text, self)
+
     def _encode_pieces(self, text: str, encode_piece) -> list[int]:
         """Cut at added tokens; encode_piece(piece, dummy_prefix) does the rest."""
         ids: list[int] = []
@@ -164,6 +169,12 @@ class Tokenizer:
     def detokenizer(self) -> "Detokenizer":
         """A fresh streaming detokenizer: text in whole characters, equal to `decode`."""
         return Detokenizer(self)
+
+    def token_bytes(self, token: int) -> bytes:
+        """What a token adds to the text, as bytes (`▁` is a space; a byte
+        token is its byte; an added token is written as itself)."""
+        p = self._pieces[token] if token < len(self._pieces) else ""
+        return bytes([p]) if isinstance(p, int) else p.replace("\u2581", " ").encode()
 
     def piece(self, token: int) -> str:
         """A token as the vocabulary writes it (`▁Hello`, `<0x0A>`, `<|im_end|>`)."""
@@ -299,6 +310,7 @@ class _Backend:
     def added_tokens(self) -> dict[str, int]: ...
     def is_control(self, token: str) -> bool: ...
     def encode(self, text: str, tokenizer: Tokenizer) -> list[int]: ...
+    def encode_exact(self, text: str, tokenizer: Tokenizer) -> list[int]: ...
 
 
 class _SentencePiece(_Backend):
@@ -341,6 +353,9 @@ class _SentencePiece(_Backend):
         return tokenizer._encode_pieces(
             text, lambda piece, prefix: (self.sp if prefix else self.sp_plain).encode(piece))
 
+    def encode_exact(self, text: str, tokenizer: Tokenizer) -> list[int]:
+        return tokenizer._encode_pieces(text, lambda piece, prefix: self.sp_plain.encode(piece))
+
 
 class _TokenizersJson(_Backend):
     """tokenizer.json through the `tokenizers` library, as the file specifies."""
@@ -372,6 +387,13 @@ class _TokenizersJson(_Backend):
 
     def encode(self, text: str, tokenizer: Tokenizer) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_exact(self, text: str, tokenizer: Tokenizer) -> list[int]:
+        # a Metaspace pre-tokenizer may prepend its space: drop a first token that is only it
+        ids = self.encode(text, tokenizer)
+        if ids and not text.startswith(" ") and tokenizer.token_bytes(ids[0]) == b" ":
+            ids = ids[1:]
+        return ids
 
 
 # ---- files ---------------------------------------------------------------------------

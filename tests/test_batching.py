@@ -156,3 +156,27 @@ def test_a_model_split_over_machines_is_refused(loaded):
 
 def test_greedy_requests_share_one_sampler():
     assert SamplingParams().sampler() is SamplingParams(seed=3).sampler()
+
+
+def test_logprobs_are_the_models_before_sampling_and_equal_alone_and_batched(loaded):
+    import mlx.core as mx
+
+    model, tokenizer = loaded("gqa")
+    ids = tokenizer.encode("Hello there")
+    solo_chunks = list(stream_generate(model, tokenizer, ids, max_tokens=6, logprobs=3))
+    first = solo_chunks[0].logprobs[0]
+    logits = model(mx.array([ids]))[0, -1].astype(mx.float32)
+    expected = (logits - mx.logsumexp(logits)).tolist()
+    assert first.token == solo_chunks[0].token
+    assert abs(first.logprob - expected[first.token]) < 1e-4
+    assert [t for t, _ in first.top] == sorted(range(len(expected)), key=lambda t: -expected[t])[:3]
+    for c in solo_chunks:  # greedy: the chosen token is the most likely one
+        (lp,) = c.logprobs
+        assert lp.top[0][0] == c.token and abs(lp.top[0][1] - lp.logprob) < 1e-6
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+    batched = [c for i, c in stream_batch_generate(model, tokenizer, [ids, PROMPTS[1]],
+                                                   max_tokens=6, logprobs=3) if i == 0]
+    for a, b in zip(solo_chunks, batched):
+        assert a.logprobs[0].token == b.logprobs[0].token
+        assert abs(a.logprobs[0].logprob - b.logprobs[0].logprob) < 1e-4
+    assert all(c.logprobs is None for c in stream_generate(model, tokenizer, ids, max_tokens=2))

@@ -176,6 +176,10 @@ def test_fit_advice_on_made_up_memory():
     (["--synthetic", "tiny", "--prompt-tokens", "40000"], "exceeds the context"),
     (["--synthetic", "huge"], "'huge' is not one of"),
     (["--model", "/no/such/folder"], "does not exist"),
+    (["--synthetic", "tiny", "--batch", "1,x"], "--batch takes stream counts"),
+    (["--synthetic", "tiny", "--batch", "0"], "--batch takes stream counts"),
+    (["--synthetic", "tiny", "--batch", "2", "--layers", "2"], "--batch measures the whole"),
+    (["--synthetic", "tiny", "--batch", "2", "--gen-tokens", "3"], "--gen-tokens must be at least 4"),
 ])
 def test_bad_arguments(args, message):
     result = run(*args)
@@ -189,6 +193,31 @@ def test_full_build_that_cannot_fit_is_refused(monkeypatch):
     monkeypatch.setattr(chips, "detect", lambda: small)
     result = run("--synthetic", "8x7b")
     assert result.exit_code != 0 and "measure with --layers N" in result.stderr
+
+
+def test_batch_profile_against_mlx_lm(tiny_model):
+    result = run("--model", tiny_model, "--batch", "1,3", "--prompt-tokens", 8, "--gen-tokens", 6,
+                 "--trials", 1, "--compare-mlx-lm", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["aggregate_tps"] > 0 and r["mlx_lm"]["aggregate_tps"] > 0
+        assert r["per_stream_tps"] == pytest.approx(r["aggregate_tps"] / r["batch"])
+        assert r["gbs"] > 0 and r["vs_mlx_lm"] > 0
+    table = run("--synthetic", "tiny", "--batch", "2", "--prompt-tokens", 8, "--gen-tokens", 5,
+                "--trials", 1)
+    assert table.exit_code == 0 and "aggregate tok/s" in table.stdout
+
+
+def test_expert_bytes_per_step_grow_with_distinct_experts(tiny_bf16):
+    from mlx_hermes.batch_profile import bytes_per_step
+    from mlx_hermes.profile import bytes_per_token
+
+    model = tiny_bf16
+    assert bytes_per_step(model, 1) == pytest.approx(bytes_per_token(model))
+    steps = [bytes_per_step(model, n) for n in (1, 2, 8, 64)]
+    assert steps == sorted(steps) and steps[-1] < steps[0] * 64
 
 
 def test_profile_a_model_folder(tiny_model):

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 import mlx_hermes
 from mlx_hermes.cli import main
 from mlx_hermes import HermesError
-from mlx_hermes.engine import Busy, Done, Engine
-from mlx_hermes.server import create_app
+from mlx_hermes.engine import Busy, Done, Engine, Failed
+from mlx_hermes.server import OLLAMA_API_VERSION, RETRY_AFTER_S, create_app
 
 from .test_cli import mlx_hermes_command
 
@@ -106,7 +106,7 @@ def test_every_route_builds_the_same_prompt(live, model):
                                                   max_tokens=2)
     assert reply.usage.prompt_tokens == len(IDS[True])
     chat = client.chat(model=NAME, messages=CONVERSATION, options={"num_predict": 2})
-    assert chat.prompt_eval_count <= len(IDS[True])  # what the prefix cache did not hold
+    assert chat.prompt_eval_count == len(IDS[True])  # the whole prompt, cached or not
     assert chat_ids(model, CONVERSATION) == IDS[True]
 
 
@@ -165,7 +165,7 @@ def test_ollama_client_chat_and_generate(live, model):
 
     raw = client.generate(model=NAME, prompt="Once upon a time", raw=True, options=options)
     assert raw.response == alone(model, model[1].encode("Once upon a time"), 10)
-    assert httpx.get(f"{live.url}/api/version").json()["version"] == mlx_hermes.__version__
+    assert httpx.get(f"{live.url}/api/version").json()["version"] == OLLAMA_API_VERSION
 
 
 def test_ollama_stop_seed_and_num_ctx(live, model):
@@ -191,6 +191,190 @@ def test_ollama_stop_seed_and_num_ctx(live, model):
     assert short.eval_count == 3 and short.done_reason == "length"
     with pytest.raises(ollama.ResponseError, match="does not fit"):
         client.chat(model=NAME, messages=messages, options={"num_ctx": n})
+
+
+# ---- what clients call besides generation ---------------------------------------------------
+
+def test_ollama_show_and_ps(live, model):
+    client = ollama.Client(host=live.url)
+    shown = client.show(NAME)
+    a = model[0].args
+    assert shown.details.family == "mixtral" and shown.capabilities == ["completion"]
+    assert shown.modelinfo["mixtral.context_length"] == a.max_position_embeddings
+    assert shown.modelinfo["mixtral.expert_count"] == a.num_local_experts
+    assert shown.modelinfo["mixtral.expert_used_count"] == a.num_experts_per_tok
+    assert "<|im_start|>" in shown.template and 'stop "<|im_end|>"' in shown.parameters
+    assert "num_ctx 1024" in shown.parameters  # the server's --max-context
+    with pytest.raises(ollama.ResponseError, match="not found"):
+        client.show("llama3")
+    loaded_models = client.ps().models
+    assert [m.model for m in loaded_models] == [f"{NAME}:latest"]
+    assert loaded_models[0].context_length == 1024 and loaded_models[0].expires_at.year > 2100
+    # keep_alive is accepted; the model stays loaded
+    reply = client.chat(model=NAME, messages=[{"role": "user", "content": "Hi"}], keep_alive=0,
+                        options={"num_predict": 2})
+    assert reply.done and client.ps().models
+
+
+def test_cors_lets_local_pages_and_editors_in(model):
+    server = LiveServer(create_app(*model, name=NAME, allow_origins=("https://chat.example",)))
+    try:
+        def preflight(origin: str) -> httpx.Response:
+            return httpx.options(f"{server.url}/api/chat", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type,authorization"})
+
+        for origin in ("http://localhost:3000", "http://127.0.0.1:8080", "http://localhost",
+                       "vscode-webview://abc123", "app://obsidian.md", "tauri://localhost",
+                       "https://chat.example"):
+            r = preflight(origin)
+            assert r.status_code == 200, origin
+            assert r.headers["access-control-allow-origin"] == origin
+        assert "access-control-allow-origin" not in preflight("http://evil.example").headers
+        r = httpx.get(f"{server.url}/api/tags", headers={"Origin": "http://localhost:3000"})
+        assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    finally:
+        server.stop()
+
+
+def test_logprobs_in_each_api(live, model):
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(c.token for c in content).startswith(r.choices[0].message.content[:1])
+    for c in content:
+        assert c.logprob <= 0 and len(c.top_logprobs) == 2 and bytes(c.bytes).decode(
+            errors="replace") == c.token
+        assert c.top_logprobs[0].token == c.token  # greedy: the most likely one
+    streamed = client.chat.completions.create(model=NAME, messages=messages, max_tokens=5,
+                                              temperature=0, logprobs=True, stream=True)
+    parts = [p for chunk in streamed for ch in chunk.choices if ch.logprobs
+             for p in ch.logprobs.content]
+    assert [p.token for p in parts] == [c.token for c in content]
+    assert all(p.top_logprobs == [] for p in parts)
+    plain = client.chat.completions.create(model=NAME, messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+    legacy = client.completions.create(model=NAME, prompt="Once", max_tokens=4, temperature=0,
+                                       logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.text_offset[0] == 0 and all(len(t) == 2 for t in lp.top_logprobs)
+
+    ollama_reply = ollama.Client(host=live.url).chat(
+        model=NAME, messages=messages, logprobs=True, top_logprobs=3,
+        options={"num_predict": 4, "temperature": 0})
+    assert len(ollama_reply.logprobs) == 4
+    assert all(len(x.top_logprobs) == 3 and x.logprob <= 0 for x in ollama_reply.logprobs)
+    with httpx.Client(timeout=30) as http:
+        bad = http.post(f"{live.url}/v1/chat/completions", json={
+            "model": NAME, "messages": messages, "top_logprobs": 2})
+    assert bad.status_code == 400 and "logprobs" in bad.json()["error"]["message"]
+
+
+def test_structured_output_in_both_apis(live, model):
+    from pydantic import BaseModel, Field
+
+    from .test_grammar import PERSON, matches_person
+
+    class Person(BaseModel):
+        name: str = Field(max_length=8)
+        age: int = Field(ge=0, le=120)
+
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Who?"}]
+    parsed = client.chat.completions.parse(model=NAME, messages=messages, max_tokens=60,
+                                           response_format=Person)
+    person = parsed.choices[0].message.parsed
+    assert isinstance(person, Person) and len(person.name) <= 8 and 0 <= person.age <= 120
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=80, temperature=0.9, seed=3,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    assert matches_person(json.loads(r.choices[0].message.content))
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=200,
+                                       response_format={"type": "json_object"})
+    text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+    assert text.startswith("{") and (finish == "length" or isinstance(json.loads(text), dict))
+
+    local = ollama.Client(host=live.url)
+    reply = local.chat(model=NAME, messages=messages, format=PERSON,
+                       options={"num_predict": 80, "temperature": 0.8})
+    assert matches_person(json.loads(reply.message.content))
+    generated = local.generate(model=NAME, prompt="Who?", format="json",
+                               options={"num_predict": 200})
+    assert generated.response.startswith("{")
+
+    with httpx.Client(timeout=30) as http:
+        bad = http.post(f"{live.url}/v1/chat/completions", json={
+            "model": NAME, "messages": messages, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}})
+        assert bad.status_code == 400 and "schema" in bad.json()["error"]["message"]
+        bad = http.post(f"{live.url}/api/chat", json={**OLLAMA, "format": "yaml"})
+        assert bad.status_code == 400 and "format" in bad.json()["error"]
+
+
+def test_null_means_the_default(live):
+    with httpx.Client(timeout=30) as http:
+        r = http.post(f"{live.url}/v1/chat/completions", json={
+            "model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "n": None, "stream": None, "temperature": None, "stop": None})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 1
+        r = http.post(f"{live.url}/api/chat", json={
+            "model": NAME, "stream": None, "options": {"num_predict": 2},
+            "messages": [{"role": "assistant", "content": None},
+                         {"role": "user", "content": "Hi"}]})
+        # stream null: Ollama's default, streaming
+        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["done"]
+
+
+def test_a_non_streaming_client_that_leaves_is_noticed_within_a_second(live):
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": 900, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=0.3)
+    t = time.time()
+    live.wait_idle(timeout=5)
+    assert time.time() - t < 1.5  # 900 tokens would take several seconds
+
+
+def test_shutdown_gives_503_with_retry_after_never_a_cut_reply(model):
+    server = LiveServer(create_app(*model, name=NAME, max_batch=1, defaults={"temp": 0.0}))
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 5000}
+            running = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=chat,
+                                  timeout=60)
+
+            def stream() -> list[str]:
+                with httpx.stream("POST", f"{server.url}/v1/chat/completions",
+                                  json={**chat, "stream": True}, timeout=60) as r:
+                    return [line for line in r.iter_lines() if line]
+
+            streamed = pool.submit(stream)
+            queued = pool.submit(httpx.post, f"{server.url}/api/chat", timeout=60,
+                                 json={**OLLAMA, "stream": False})
+            deadline = time.time() + 10
+            while server.engine.waiting < 2:
+                assert time.time() < deadline, "the requests were not queued"
+                time.sleep(0.02)
+            server.engine.cancel_all()  # what Ctrl-C does first
+            r = running.result()
+            assert r.status_code == 503 and r.headers["retry-after"] == str(RETRY_AFTER_S)
+            assert "shutting down" in r.json()["error"]["message"]
+            q = queued.result()
+            assert q.status_code == 503 and q.headers["retry-after"] == str(RETRY_AFTER_S)
+            lines = streamed.result()
+            events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+            assert "error" in events[-1] and "shutting down" in events[-1]["error"]["message"]
+            finishes = [c.get("finish_reason") for e in events for c in e.get("choices", [])]
+            assert not any(finishes)  # no "stop", no "cancelled": the reply is not complete
+    finally:
+        server.stop()
 
 
 # ---- concurrency, disconnects, the queue ---------------------------------------------------
@@ -307,6 +491,7 @@ def test_a_full_queue_is_refused_at_once(model):
             assert refused.status_code == 503 and "busy" in refused.json()["error"]
             refused = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=30)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_busy"
+            assert refused.headers["retry-after"] == str(RETRY_AFTER_S)
             release.set()
             assert queued.result().status_code == 200  # the queued one is served after all
     finally:
@@ -344,7 +529,6 @@ OLLAMA = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "strea
     ("/api/chat", {**OLLAMA, "model": "llama3"}, 404, "not found"),
     ("/api/chat", {**OLLAMA, "options": {"num_predict": -7}}, 400, "num_predict"),
     ("/api/chat", {**OLLAMA, "options": {"temperature": "x"}}, 400, "temperature"),
-    ("/api/chat", {**OLLAMA, "format": "json"}, 400, "format"),
     ("/api/generate", {"model": NAME, "prompt": 5}, 400, "prompt"),
     ("/api/generate", {"prompt": "Hi"}, 400, "model"),
     ("/api/nothing", {}, 404, "Not Found"),
@@ -399,10 +583,14 @@ def test_a_follow_up_turn_prefills_only_its_new_tokens(live, model):
     # ... and the reply is what a from-scratch run gives
     assert second.choices[0].message.content == alone(model, chat_ids(model, messages), 6)
 
-    # Ollama reports the same thing as prompt_eval_count
-    o = ollama.Client(host=live.url)
-    again = o.chat(model=NAME, messages=messages, options={"num_predict": 6, "temperature": 0})
-    assert again.prompt_eval_count == 1  # all cached but the last token, recomputed for logits
+    # Ollama counts the whole prompt, and the cached part apart (as current Ollama does)
+    with httpx.Client(timeout=30) as http:
+        again = http.post(f"{live.url}/api/chat", json={
+            "model": NAME, "messages": messages, "stream": False,
+            "options": {"num_predict": 6, "temperature": 0}}).json()
+    assert again["prompt_eval_count"] == len(chat_ids(model, messages))
+    # all cached but the last token, recomputed for its logits
+    assert again["prompt_eval_cached_count"] == again["prompt_eval_count"] - 1
 
 
 def test_the_prefix_cache_keeps_to_its_byte_budget(model):
@@ -440,6 +628,21 @@ def queue_and_wait(engine: Engine, ids: list[int], max_tokens: int):
     engine.submit(ids, {"max_tokens": max_tokens, "temp": 0.0}, sink)
     assert finished.wait(30)
     return events[-1]
+
+
+def test_closing_the_engine_finishes_its_worker(model):
+    engine = Engine(*model, max_batch=1)
+    events = []
+    engine.submit(model[1].encode("Hello"), {"max_tokens": 5000}, events.append)
+    engine.submit(model[1].encode("Hi"), {"max_tokens": 5}, events.append)  # queued
+    deadline = time.time() + 10
+    while not events:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert engine.close(timeout=10) and engine.finished.is_set()
+    failed = [e for e in events if isinstance(e, Failed)]
+    assert len(failed) == 2 and all(f.retry and "shutting down" in f.message for f in failed)
+    assert not any(isinstance(e, Done) for e in events)
 
 
 def test_kv_bits_serves_one_request_at_a_time(loaded):
@@ -530,8 +733,9 @@ def test_serve_process_smoke(tiny_model):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen(
-        mlx_hermes_command() + ["serve", "-m", str(tiny_model), "--port", str(port),
-                                "--model-name", "hermes", "--api-key", "k", "--max-tokens", "5"],
+        mlx_hermes_command() + ["--log-level", "info", "serve", "-m", str(tiny_model),
+                                "--port", str(port), "--model-name", "hermes", "--api-key", "k",
+                                "--max-tokens", "5", "--max-batch", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -547,10 +751,18 @@ def test_serve_process_smoke(tiny_model):
         client = ollama.Client(host=url, headers={"Authorization": "Bearer k"})
         reply = client.chat(model="hermes", messages=[{"role": "user", "content": "Hi"}])
         assert reply.done and reply.eval_count <= 5
-        # Ctrl-C in the middle of a long streamed reply: a prompt, clean exit
+        # Ctrl-C in the middle of a long streamed reply, another queued: a prompt, clean exit
         long = client.chat(model="hermes", messages=[{"role": "user", "content": "Hi"}],
                            stream=True, options={"num_predict": 100_000})
         next(long)
+        queued = threading.Thread(target=lambda: httpx.post(
+            f"{url}/api/chat", headers={"Authorization": "Bearer k"}, timeout=60,
+            json={"model": "hermes", "messages": [{"role": "user", "content": "Hi"}]}))
+        queued.start()
+        deadline = time.time() + 10
+        while httpx.get(f"{url}/health").json()["waiting"] < 1:
+            assert time.time() < deadline, "the second request was not queued"
+            time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGINT)
         t = time.time()
@@ -558,3 +770,4 @@ def test_serve_process_smoke(tiny_model):
     assert time.time() - t < 15
     assert process.returncode == 0, f"exit {process.returncode}: {out}"
     assert "serving hermes on http://127.0.0.1" in out and "Traceback" not in out
+    assert "engine stopped" in out  # the worker finished its work before the process ended
