@@ -81,10 +81,12 @@ class Request:
     logits_processors: Sequence[Callable] = ()
     logprobs: Optional[int] = None  # each token's TokenLogprob, with this many alternatives
     json_schema: Any = None  # the reply is JSON matching it (grammar.py); True: any object
+    grammar: Optional[str] = None  # or matches this llguidance grammar (tools.call_grammar)
 
 
 # what a request may set, besides SamplingParams' fields and `sampling`
-REQUEST_OPTIONS = ("max_tokens", "stop", "logits_processors", "logprobs", "json_schema")
+REQUEST_OPTIONS = ("max_tokens", "stop", "logits_processors", "logprobs", "json_schema",
+                   "grammar")
 
 
 def make_request(tokenizer: Tokenizer, prompt: Prompt, options: dict) -> Request:
@@ -292,7 +294,8 @@ class Batcher:
             samplers=[request.sampling.sampler()],
             logits_processors=[request.sampling.logits_processors()
                                + list(request.logits_processors)
-                               + grammar.constraint(self.tokenizer, request.json_schema)])
+                               + grammar.constraint(self.tokenizer, request.json_schema,
+                                                    request.grammar)])
         seq.reply.cached_tokens = cached
         seq.reply.start = time.perf_counter()
         self._running[seq.uid] = seq

@@ -94,7 +94,7 @@ class Job:
         sampling = o.get("sampling") or SamplingParams.pick(o)[0]
         return Request(self.ids, max_tokens=o.get("max_tokens", 256), sampling=sampling,
                        stop=tuple(o.get("stop") or ()), logprobs=o.get("logprobs"),
-                       json_schema=o.get("json_schema"))
+                       json_schema=o.get("json_schema"), grammar=o.get("grammar"))
 
 
 class Engine:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream, wired_limit
 
-from . import grammar
+from . import grammar as grammars
 from .cache import make_cache
 from .errors import HermesError
 from .model import Model
@@ -81,6 +81,7 @@ def stream_generate(
     progress: Optional[Callable[[int, int], None]] = None,
     logprobs: Optional[int] = None,
     json_schema: Any = None,
+    grammar: Optional[str] = None,
     **sampling_options: Any,
 ) -> Iterator[Chunk]:
     """Generate from `prompt`: raw text (tokenized as is, with one BOS) or
@@ -92,7 +93,8 @@ def stream_generate(
     is called during prefill. `logprobs=N` gives each chunk the token's
     TokenLogprob with the N most likely alternatives (0: none).
     `json_schema` (a JSON schema as a dict or text, or True for any JSON
-    object) constrains the reply to JSON that matches it (grammar.py)."""
+    object) constrains the reply to JSON that matches it, `grammar` (an
+    llguidance grammar, e.g. tools.call_grammar) to that grammar."""
     sampling = sampling_of(sampling, sampling_options)
     ids = prompt_ids(tokenizer, prompt)
     if max_tokens < 1:
@@ -107,7 +109,7 @@ def stream_generate(
     if coordination is not None:
         sampler, progress = coordination.sampler(sampler), coordination.progress(progress)
     processors = (sampling.logits_processors() + list(logits_processors or [])
-                  + grammar.constraint(tokenizer, json_schema))
+                  + grammars.constraint(tokenizer, json_schema, grammar))
     reply = Continuation(tokenizer, len(ids), max_tokens, stop)
 
     with wired_limit(model, [generation_stream]):

@@ -92,8 +92,12 @@ class JsonConstraint:
         return self.matcher.get_error() if self.matcher.is_error() else None
 
 
-def constraint(tokenizer: Tokenizer, schema: Optional[Schema]) -> list:
-    """The logits processors for `json_schema=schema` ([] when None)."""
+def constraint(tokenizer: Tokenizer, schema: Optional[Schema] = None,
+               grammar: Optional[str] = None) -> list:
+    """The logits processors for `json_schema=schema`, or for an llguidance
+    `grammar` (e.g. tools.call_grammar); [] for neither."""
+    if grammar is not None:
+        return [JsonConstraint(tokenizer, grammar)]
     if schema is None or schema is False:
         return []
     return [JsonConstraint(tokenizer, compile_schema(tokenizer, schema))]

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
-from . import __version__, grammar
+from . import __version__, grammar, tools
 from .batching import DEFAULT_MAX_BATCH
 from .engine import Busy, Done, Engine, Failed
 from .errors import HermesError
@@ -51,7 +51,8 @@ class ApiError(Exception):
 
 
 # Hermes's ChatML as an Ollama (Go) template, and its stop word, for /api/show.
-CHATML_TEMPLATE = ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+CHATML_TEMPLATE = ("{{- if or .System .Tools }}<|im_start|>system\n{{ .System }}"
+                   "{{ if .Tools }} <tools> {{ .Tools }} </tools>{{ end }}<|im_end|>\n{{ end }}"
                    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
                    "{{ end }}<|im_start|>assistant\n")
 STOP_WORDS = ("<|im_end|>",)
@@ -89,6 +90,7 @@ class TextPart(_Body):
 class OpenAIMessage(_Body):
     role: str
     content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list] = None  # an assistant turn that called tools
 
 
 class _OpenAISampling(_Body):
@@ -111,6 +113,7 @@ class ChatCompletionRequest(_OpenAISampling):
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
     tools: Optional[list] = None
+    tool_choice: Union[str, dict, None] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     response_format: Optional[dict] = None
@@ -126,6 +129,7 @@ class OllamaMessage(_Body):
     role: str
     content: str = ""
     images: Optional[list] = None
+    tool_calls: Optional[list] = None
 
 
 class OllamaOptions(_Body):
@@ -291,7 +295,7 @@ class _Server:
 
     def options(self, max_tokens: Optional[int], prompt_tokens: int, *, context: int,
                 cap: bool, logprobs: Optional[int] = None, json_schema: Any = None,
-                **given: Any) -> dict:
+                grammar: Optional[str] = None, **given: Any) -> dict:
         """`stream_generate` options: the request's values over the server's
         defaults, checked; max_tokens fitted to the context."""
         room = context - prompt_tokens
@@ -318,7 +322,7 @@ class _Server:
         stop = rest.get("stop")
         return {"sampling": sampling, "stop": [stop] if isinstance(stop, str) else list(stop or []),
                 "max_tokens": max_tokens, "logprobs": logprobs,
-                "json_schema": self.schema(json_schema)}
+                "json_schema": self.schema(json_schema), "grammar": grammar}
 
     def schema(self, schema: Any) -> Any:
         """A request's JSON schema (or True: any JSON object), checked now: one
@@ -331,12 +335,32 @@ class _Server:
             raise ApiError(400, str(e)) from None
         return schema
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], offered: list = ()) -> list[int]:
+        """A conversation's prompt; with tools offered (or tool turns in it),
+        in Hermes' function-calling convention (tools.py)."""
         for m in messages:
-            if m["role"] not in ("system", "user", "assistant"):
+            if m["role"] == "developer":  # OpenAI's newer name for it
+                m["role"] = "system"
+            if m["role"] not in ("system", "user", "assistant", "tool"):
                 raise ApiError(400, f"unsupported message role '{m['role']}': use system, "
-                                    "user or assistant")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                                    "developer, user, assistant or tool")
+        if offered or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages = tools.messages_with_tools(messages, list(offered))
+        return self.tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in messages],
+            add_generation_prompt=True)
+
+    def tools(self, given: Optional[list], tool_choice: Any) -> tuple[list, Optional[str]]:
+        """The tools offered to the model, and the grammar that forces a call
+        (tool_choice "required" or a named function; None otherwise)."""
+        try:
+            offered = tools.parse_tools(given)
+            if tool_choice == "none":
+                return [], None
+            forced = tools.choice(offered, tool_choice)
+        except HermesError as e:
+            raise ApiError(400, str(e)) from None
+        return offered, tools.call_grammar(forced) if forced else None
 
     def start(self, request: Request, jobs: list[tuple[list[int], dict]],
               stream: bool) -> AsyncIterator[tuple[int, Union[Chunk, Done, Failed]]]:
@@ -391,10 +415,12 @@ class _Server:
     async def chat_completions(self, request: Request):
         body = await _parse(request, ChatCompletionRequest)
         self.check_model(body.model)
-        if body.tools:
-            raise ApiError(400, "tools are not supported by this server")
-        messages = [{"role": m.role, "content": _openai_text(m.content)} for m in body.messages]
-        ids = self.chat_ids(messages)
+        offered, forced = self.tools(body.tools, body.tool_choice)
+        if forced and body.response_format and body.response_format.get("type") != "text":
+            raise ApiError(400, "a required tool call cannot be combined with response_format")
+        messages = [{"role": m.role, "content": _openai_text(m.content),
+                     "tool_calls": m.tool_calls} for m in body.messages]
+        ids = self.chat_ids(messages, offered)
         max_tokens = (body.max_tokens if body.max_completion_tokens is None
                       else body.max_completion_tokens)
         if body.top_logprobs is not None and not body.logprobs:
@@ -402,7 +428,7 @@ class _Server:
         options = self.options(max_tokens, len(ids), context=self.context, cap=False,
                                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                json_schema=_response_format(body.response_format),
-                               **_openai_sampling(body))
+                               grammar=forced, **_openai_sampling(body))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": self.name}
         events = self.start(request, _choices(ids, options, body.n), body.stream)
@@ -413,12 +439,23 @@ class _Server:
                 return None
             return {"content": [_openai_logprob(tok, e) for e in entries or []], "refusal": None}
 
+        def message(text: str, finish: str) -> tuple[dict, str]:
+            """The assistant message of a reply, tool calls read out of it."""
+            content, calls = tools.parse_calls(text, offered) if offered else (text, [])
+            if not calls:
+                return {"role": "assistant", "content": text}, finish
+            return {"role": "assistant", "content": content or None,
+                    "tool_calls": [_openai_call(c) for c in calls]}, (
+                        "tool_calls" if finish == "stop" else finish)
+
         if not body.stream:
             texts, dones, lps = await _collect(events, body.n)
-            return {**head, "object": "chat.completion",
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                                 "logprobs": logprobs(lp), "finish_reason": done.finish_reason}
-                                for i, (text, done, lp) in enumerate(zip(texts, dones, lps))],
+            choices = []
+            for i, (text, done, lp) in enumerate(zip(texts, dones, lps)):
+                reply, finish = message(text, done.finish_reason)
+                choices.append({"index": i, "message": reply, "logprobs": logprobs(lp),
+                                "finish_reason": finish})
+            return {**head, "object": "chat.completion", "choices": choices,
                     "usage": _usage(dones, prompts=1)}
 
         usage = bool((body.stream_options or {}).get("include_usage"))
@@ -435,15 +472,29 @@ class _Server:
             for i in range(body.n):
                 yield choice(i, {"role": "assistant", "content": ""})
             dones = {}
+            held: dict[int, list[str]] = {}  # with tools offered: a reply is read whole
             async for i, event in events:
                 if isinstance(event, Failed):
                     yield _sse({"error": {"message": event.message, "type": "server_error"}})
                     return
-                if isinstance(event, Chunk) and (event.text or event.logprobs):
+                if isinstance(event, Chunk) and offered:
+                    held.setdefault(i, []).append(event.text)
+                    if event.logprobs:
+                        yield choice(i, {}, entries=event.logprobs)
+                elif isinstance(event, Chunk) and (event.text or event.logprobs):
                     yield choice(i, {"content": event.text}, entries=event.logprobs)
                 if isinstance(event, Done):
                     dones[i] = event
-                    yield choice(i, {}, event.finish_reason)
+                    finish = event.finish_reason
+                    if offered:
+                        reply, finish = message("".join(held.pop(i, [])), finish)
+                        delta = {"content": reply["content"]} if reply["content"] else {}
+                        if reply.get("tool_calls"):
+                            delta["tool_calls"] = [{"index": k, **c} for k, c in
+                                                   enumerate(reply["tool_calls"])]
+                        if delta:
+                            yield choice(i, delta)
+                    yield choice(i, {}, finish)
             if usage:
                 yield _sse({**chunk, "choices": [], "usage": _usage(dones, prompts=1)})
             yield "data: [DONE]\n\n"
@@ -520,13 +571,15 @@ class _Server:
     async def ollama_chat(self, request: Request):
         body = await _parse(request, OllamaChatRequest)
         self.check_model(body.model, ollama=True)
-        _ollama_unsupported(body.tools, any(m.images for m in body.messages))
+        _ollama_unsupported(None, any(m.images for m in body.messages))
         if not body.messages:  # Ollama's way of loading a model: nothing to generate
             return {"model": body.model, "created_at": _now(), "message": {
                 "role": "assistant", "content": ""}, "done": True, "done_reason": "load"}
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        ids = self.chat_ids(messages)
-        return await self._ollama(request, body, ids, "chat")
+        offered, _ = self.tools(body.tools, "auto")  # Ollama has no tool_choice
+        messages = [{"role": m.role, "content": m.content, "tool_calls": m.tool_calls}
+                    for m in body.messages]
+        ids = self.chat_ids(messages, offered)
+        return await self._ollama(request, body, ids, "chat", offered)
 
     async def ollama_generate(self, request: Request):
         body = await _parse(request, OllamaGenerateRequest)
@@ -544,7 +597,8 @@ class _Server:
             ids = self.tokenizer.user_turn(body.prompt, body.system, after=context)
         return await self._ollama(request, body, ids, "generate")
 
-    async def _ollama(self, request: Request, body: _OllamaRequest, ids: list[int], kind: str):
+    async def _ollama(self, request: Request, body: _OllamaRequest, ids: list[int], kind: str,
+                      offered: list = ()):
         o = body.options
         context = min(o.num_ctx, self.context) if o.num_ctx else self.context
         # Ollama: -1 and -2 mean "until the context is full"; it never refuses a long num_predict.
@@ -573,6 +627,9 @@ class _Server:
             return {"model": body.model, "created_at": _now(), **field}
 
         def final(done: Done, text: str = "", entries: Optional[list] = None) -> dict:
+            calls = []
+            if offered:
+                text, calls = tools.parse_calls(text, list(offered))
             out = {**part(text, entries), "done": True, "done_reason": done.finish_reason,
                    "total_duration": time.perf_counter_ns() - start, "load_duration": 0,
                    # the whole prompt, as current Ollama counts it; the cached part apart
@@ -583,6 +640,9 @@ class _Server:
                    "eval_duration": int(done.decode_s * 1e9)}
             if kind == "generate":
                 out["context"] = done.ids
+            if calls:
+                out["message"]["tool_calls"] = [
+                    {"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
             return out
 
         if not body.stream:
@@ -590,14 +650,17 @@ class _Server:
             return final(done, text, entries)
 
         async def ndjson() -> AsyncIterator[str]:
+            held: list[str] = []  # with tools offered: the reply is read whole
             async for _, event in events:
                 if isinstance(event, Failed):
                     yield json.dumps({"error": event.message}) + "\n"
                     return
-                if isinstance(event, Chunk) and (event.text or event.logprobs):
+                if isinstance(event, Chunk) and offered:
+                    held.append(event.text)
+                elif isinstance(event, Chunk) and (event.text or event.logprobs):
                     yield json.dumps({**part(event.text, event.logprobs), "done": False}) + "\n"
                 if isinstance(event, Done):
-                    yield json.dumps(final(event)) + "\n"
+                    yield json.dumps(final(event, "".join(held))) + "\n"
 
         return _stream(ndjson(), "application/x-ndjson")
 
@@ -650,7 +713,7 @@ class _Server:
                 "mixtral.rope.freq_base": a.rope_theta,
                 "mixtral.vocab_size": a.vocab_size,
             },
-            "capabilities": ["completion"],
+            "capabilities": ["completion", "tools"],
             "modified_at": datetime.fromtimestamp(self.created, timezone.utc).isoformat(),
         }
 
@@ -720,9 +783,12 @@ def _ollama_format(fmt: Any) -> Any:
     raise ApiError(400, f"format must be \"json\" or a JSON schema, not {fmt!r}")
 
 
-def _ollama_unsupported(tools, images: bool) -> None:
-    if tools:
-        raise ApiError(400, "tools are not supported by this server")
+def _openai_call(call: "tools.Call") -> dict:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
+
+
+def _ollama_unsupported(_, images: bool) -> None:
     if images:
         raise ApiError(400, "images are not supported: this model reads text only")
 

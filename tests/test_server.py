@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import httpx
 import ollama
@@ -199,7 +200,8 @@ def test_ollama_show_and_ps(live, model):
     client = ollama.Client(host=live.url)
     shown = client.show(NAME)
     a = model[0].args
-    assert shown.details.family == "mixtral" and shown.capabilities == ["completion"]
+    assert shown.details.family == "mixtral" and shown.capabilities == ["completion", "tools"]
+    assert ".Tools" in shown.template  # LiteLLM passes tools natively when the template has them
     assert shown.modelinfo["mixtral.context_length"] == a.max_position_embeddings
     assert shown.modelinfo["mixtral.expert_count"] == a.num_local_experts
     assert shown.modelinfo["mixtral.expert_used_count"] == a.num_experts_per_tok
@@ -315,6 +317,69 @@ def test_structured_output_in_both_apis(live, model):
         assert bad.status_code == 400 and "schema" in bad.json()["error"]["message"]
         bad = http.post(f"{live.url}/api/chat", json={**OLLAMA, "format": "yaml"})
         assert bad.status_code == 400 and "format" in bad.json()["error"]
+
+
+def test_tools_in_both_apis(live, model):
+    from .test_tools import TIME, WEATHER
+
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "developer", "content": "Use tools."},
+                {"role": "user", "content": "Weather in Paris?"}]
+    forced = client.chat.completions.create(model=NAME, messages=messages, max_tokens=80,
+                                            tools=[WEATHER, TIME], tool_choice="required")
+    choice = forced.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name in ("get_weather", "get_time")
+    assert isinstance(json.loads(call.function.arguments), dict)
+
+    named = client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=80, tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = named.choices[0].message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and len(args["city"]) <= 12
+
+    # the result goes back in a tool turn, and the conversation goes on
+    follow = messages + [named.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "{\"temp\": 21}"}]
+    reply = client.chat.completions.create(model=NAME, messages=follow, max_tokens=5,
+                                           tools=[WEATHER], tool_choice="none")
+    assert reply.choices[0].message.tool_calls is None
+    prompt = model[1].decode(reply_prompt := model[1].apply_chat_template(
+        mlx_hermes.tools.messages_with_tools(
+            [{"role": "system", "content": "Use tools."}, *follow[1:2],
+             {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+             {"role": "tool", "content": "{\"temp\": 21}"}], [])))
+    assert "<tool_response>\n{\"temp\": 21}\n</tool_response>" in prompt and reply_prompt
+    assert reply.usage.prompt_tokens == len(reply_prompt)
+
+    # auto: free text or a well-formed call
+    auto = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20,
+                                          tools=[WEATHER])
+    message = auto.choices[0].message
+    assert (message.tool_calls is None and isinstance(message.content, str)) or (
+        message.tool_calls[0].function.name == "get_weather")
+
+    # streamed: the call arrives whole, with its index
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=80,
+                                            tools=[WEATHER], tool_choice="required", stream=True)
+    deltas = [c.choices[0] for c in stream if c.choices]
+    calls = [t for d in deltas for t in (d.delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert deltas[-1].finish_reason == "tool_calls"
+
+    local = ollama.Client(host=live.url)
+    answer = local.chat(model=NAME, messages=[{"role": "user", "content": "Weather?"}],
+                        tools=[WEATHER], options={"num_predict": 20})
+    assert answer.done and (answer.message.tool_calls is None or
+                            answer.message.tool_calls[0].function.name == "get_weather")
+    with httpx.Client(timeout=30) as http:
+        bad = http.post(f"{live.url}/v1/chat/completions", json={
+            "model": NAME, "messages": messages, "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "launch"}}})
+    assert bad.status_code == 400 and "not among the tools" in bad.json()["error"]["message"]
 
 
 def test_null_means_the_default(live):
@@ -771,3 +836,43 @@ def test_serve_process_smoke(tiny_model):
     assert process.returncode == 0, f"exit {process.returncode}: {out}"
     assert "serving hermes on http://127.0.0.1" in out and "Traceback" not in out
     assert "engine stopped" in out  # the worker finished its work before the process ended
+
+
+# ---- LangChain, as agent frameworks use it ---------------------------------------------------
+
+def test_langchain_structured_output_and_tools(live):
+    from langchain_ollama import ChatOllama
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        """A person. (Only bounded fields: LangChain's strict schemas drop maxLength and
+        number ranges, and a random model's free string may not end within max_tokens.)"""
+
+        mood: Literal["happy", "sad"]
+        adult: bool
+
+    def get_weather(city: Literal["Paris", "Oslo"]) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    chat = ChatOpenAI(base_url=f"{live.url}/v1", api_key="unused", model=NAME, max_tokens=60,
+                      max_retries=0)
+    person = chat.with_structured_output(Person, method="json_schema").invoke("Who?")
+    assert isinstance(person, Person) and person.mood in ("happy", "sad")
+    try:  # json_mode: any object, Person's fields not enforced; it may not end in 60 tokens
+        loose = chat.with_structured_output(Person, method="json_mode", include_raw=True).invoke(
+            "Who? Answer in JSON.")
+        assert loose["raw"].content.startswith("{")
+    except openai.LengthFinishReasonError:  # the cut is reported as such, never as complete
+        pass
+    called = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather?")
+    assert called.tool_calls and called.tool_calls[0]["name"] == "get_weather"
+    assert called.tool_calls[0]["args"]["city"] in ("Paris", "Oslo")
+
+    local = ChatOllama(base_url=live.url, model=NAME, num_predict=60)
+    person = local.with_structured_output(Person, method="json_schema").invoke("Who?")
+    assert isinstance(person, Person) and isinstance(person.adult, bool)
+    reply = local.bind_tools([get_weather]).invoke("Weather?")
+    assert isinstance(reply.content, str) and all(
+        c["name"] == "get_weather" for c in reply.tool_calls)
