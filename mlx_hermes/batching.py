@@ -214,15 +214,17 @@ class Batcher:
             self._waiting.remove(seq)
         else:
             del self._running[seq.uid]
-            cache, tokens = self._gen.remove([seq.uid], return_prompt_caches=True)[seq.uid]
-            if seq.decoding:
-                self._keep(tokens, cache)
+            removed = self._gen.remove([seq.uid], return_prompt_caches=seq.decoding)
+            if seq.uid in removed:
+                self._keep(*removed[seq.uid][::-1])
         return seq.reply.stats()
 
     def close(self) -> None:
-        """Drop every sequence and give back the wired memory limit."""
-        for key in list(self._keys):
-            self.cancel(key)
+        """Drop every sequence (keeping nothing: this may follow a step that
+        was interrupted half-way) and give back the wired memory limit."""
+        self._waiting.clear()
+        self._running.clear()
+        self._keys.clear()
         self._gen.close()
 
     def failed(self) -> list[tuple[Hashable, Exception]]:
