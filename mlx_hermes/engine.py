@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -119,8 +120,8 @@ class Engine:
         self._active: list[Job] = []  # taken by the worker, not finished
         self.finished = threading.Event()  # the worker has stopped working (it stays parked)
         self._closing = False
-        self._worker = threading.Thread(target=self._work, name="mlx-hermes-engine",
-                                        daemon=True)
+        self._worker = threading.Thread(target=_work_then_park, args=(weakref.ref(self),),
+                                        name="mlx-hermes-engine", daemon=True)
         self._worker.start()
 
     def _batcher(self) -> Batcher:
@@ -205,7 +206,6 @@ class Engine:
             self._fail_left()
             self.finished.set()
             log.info("engine stopped")
-        threading.Event().wait()  # parked until the process ends (see close)
 
     def _fail_left(self) -> None:
         """Every job still here ends: the server is going away."""
@@ -328,6 +328,17 @@ class Engine:
             return
         _deliver(job, Done(finish, len(ids), cached, len(generated), first - start, end - first,
                            known))
+
+
+def _work_then_park(engine_ref: "weakref.ref[Engine]") -> None:
+    """The worker thread: the engine's work, then parked until the process
+    ends (see Engine.close), holding no reference to the engine, so that a
+    closed engine (its model, its caches) can still be freed."""
+    engine = engine_ref()
+    if engine is not None:
+        engine._work()
+    del engine
+    threading.Event().wait()
 
 
 def _deliver(job: Job, event: Event) -> bool:
