@@ -703,11 +703,14 @@ def perplexity(model: str, data: str, context: int, reference: Optional[str], as
 
     from . import perplexity as ppl
 
+    from .loader import resolve_model_path
+
     texts = ppl.read_texts(Path(data))
     model_obj, tokenizer = _load(model, context, None, portable)
-    reference_obj = _load(reference, context, None, portable)[0] if reference else None
-    with _bar("windows", _rank0()) as update:
-        result = ppl.perplexity(model_obj, tokenizer, texts, context, reference_obj, update)
+    # the reference is streamed a layer at a time: the original checkpoint needs no 96 GB
+    reference_path = resolve_model_path(reference) if reference else None
+    with _bar("reference layers, then windows", _rank0()) as update:
+        result = ppl.perplexity(model_obj, tokenizer, texts, context, reference_path, update)
     click.echo(json.dumps(result) if as_json else ppl.format_result(result))
 
 

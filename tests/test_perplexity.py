@@ -69,3 +69,27 @@ def test_bad_data_is_one_line(hf_checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["perplexity", "-m", str(hf_checkpoint), "--data",
                                        str(short)])
     assert result.exit_code == 1 and "too short" in result.stderr
+
+
+def test_a_reference_folder_is_streamed_layer_by_layer_with_the_same_figures(hf_checkpoints,
+                                                                             mlx_lm_quantized):
+    model, tokenizer = mlx_hermes.load(mlx_lm_quantized(4, 32))
+    whole = ppl.perplexity(model, tokenizer, [TEXT], 32,
+                           reference=mlx_hermes.load(hf_checkpoints["gqa"])[0])
+    seen = []
+    streamed = ppl.perplexity(model, tokenizer, [TEXT], 32, reference=hf_checkpoints["gqa"],
+                              progress=lambda done, total: seen.append((done, total)))
+    assert streamed["kl_divergence"] == pytest.approx(whole["kl_divergence"], rel=1e-4, abs=1e-7)
+    assert streamed["top1_agreement"] == whole["top1_agreement"]
+    assert streamed["perplexity"] == whole["perplexity"]
+    layers = mlx_hermes.load(hf_checkpoints["gqa"])[0].args.num_hidden_layers
+    assert seen[:layers] == [(i + 1, layers) for i in range(layers)]  # the layers, one by one
+
+
+def test_streaming_holds_one_layer_at_a_time(hf_checkpoints):
+    reference = ppl.StreamedReference(hf_checkpoints["odd"])
+    held = []
+    inner = reference.model.model
+    reference.run([[1, 5, 6, 7]], progress=lambda done, total: held.append(
+        sum(layer is not None for layer in inner.layers)))
+    assert held == [2, 1, 0]  # after each of the 3 layers, that layer is gone
