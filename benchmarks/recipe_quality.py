@@ -4,6 +4,7 @@ perplexity and KL divergence from the unquantized model.
     python benchmarks/train_small_mixtral.py small            # on the GPU machine
     python benchmarks/train_small_mixtral.py unused --heldout held.txt    # held-out text, any machine
     python benchmarks/recipe_quality.py small --data held.txt [--windows 100]
+    python benchmarks/recipe_quality.py small --data held.txt --study   # one choice at a time
 
 A ~30M-parameter stand-in ranks the broad choices (expert bits, group sizes,
 where the extra bits go); it says nothing exact about the 46.7B model.
@@ -30,12 +31,41 @@ RECIPES = [("uniform", 8), ("uniform", 6), ("uniform", 5), ("mixed", 4), ("unifo
            ("fit-32gb", None), ("fit-24gb", None)]
 
 
+def study() -> list:
+    """One choice at a time, everything else at 8 bits (KL ~0.005 by itself): in the
+    stand-in the embeddings and LM head are over half the weights, so a recipe that
+    narrows them hides what the experts' own width costs. Here only the named part moves."""
+    from mlx_hermes.formats import Recipe, Width
+
+    wide = Width(8, 64)
+
+    def only(name: str, **parts) -> Recipe:
+        base = dict(experts=wide, attention=wide, v_proj=wide, router=wide, embeddings=wide,
+                    lm_head=wide)
+        return Recipe(name, **{**base, **parts})
+
+    return [
+        (only("experts 4-bit g64", experts=Width(4, 64)), None),
+        (only("experts 3-bit g64", experts=Width(3, 64)), None),
+        (only("experts 3-bit g128", experts=Width(3, 128)), None),
+        (only("experts 2-bit g64", experts=Width(2, 64)), None),
+        (only("experts 2-bit g128", experts=Width(2, 128)), None),
+        (only("experts 2-bit g128, down 3-bit at the ends", experts=Width(2, 128),
+              down_more=Width(3, 128), ends=1), None),
+        (only("router 4-bit", router=Width(4, 64)), None),
+        (only("attention 4-bit (v_proj 8)", attention=Width(4, 64)), None),
+        (only("attention and v_proj 4-bit", attention=Width(4, 64), v_proj=Width(4, 64)), None),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="a checkpoint in the original layout")
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--windows", type=int, default=100, help="score the first N windows only")
+    ap.add_argument("--study", action="store_true",
+                    help="one choice at a time, the rest at 8 bits, instead of the recipes")
     a = ap.parse_args()
     if not (a.model / "tokenizer.model").exists():
         tiny.copy_tokenizer(a.model)
@@ -49,11 +79,12 @@ def main() -> None:
 
     rows = [{"recipe": "bf16 (unquantized)", **measure(reference)}]
     with tempfile.TemporaryDirectory() as d:
-        for name, bits in RECIPES:
-            out = Path(d) / f"{name}-{bits}"
+        for k, (name, bits) in enumerate(study() if a.study else RECIPES):
+            out = Path(d) / f"recipe-{k}"
             summary = converter.convert(str(a.model), str(out), bits=bits, recipe=name)
             model, _ = mlx_hermes.load(out)
-            rows.append({"recipe": summary["label"], "bits_per_weight": summary["bits_per_weight"],
+            label = name.name if a.study else summary["label"]
+            rows.append({"recipe": label, "bits_per_weight": summary["bits_per_weight"],
                          "size_mb": summary["size_bytes"] / 1e6,
                          **measure(model, reference)})
             print(f"{rows[-1]['recipe']}: done", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import mlx.core as mx
 
@@ -37,7 +37,7 @@ def convert(
     mlx_path: str,
     bits: Optional[int] = None,
     group_size: Optional[int] = None,
-    recipe: str = "uniform",
+    recipe: Union[str, formats.Recipe] = "uniform",
     dtype: str = "bfloat16",
     force: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
@@ -45,10 +45,11 @@ def convert(
     """Convert and return a summary: bits per weight, sizes, files.
 
     recipe: formats.RECIPES; `uniform` and `mixed` take bits (4) and
-    group_size (64), the fit-* recipes set their own. progress(done, total)
+    group_size (64), the fit-* recipes set their own; or a formats.Recipe. progress(done, total)
     is called as source bytes are consumed.
     """
-    plan_recipe = formats.recipe(recipe, bits, group_size)
+    plan_recipe = (recipe if isinstance(recipe, formats.Recipe)  # the Python API's own mixes
+                   else formats.recipe(recipe, bits, group_size))
     out = Path(mlx_path).expanduser()
     local = Path(hf_path).expanduser()
     if local.exists():  # before anything is read (or, for a repo id, downloaded)
