@@ -223,6 +223,18 @@ class Watchdog:
             signal.signal(sig, lambda *_: self.fail("stopped by the launcher: another rank "
                                                     "failed (see its output)"))
         signal.set_wakeup_fd(write)
+        # A peer that dies can also surface here first, as the backend's own error in
+        # the middle of a collective: one line, exit 1, as for the launcher's signal
+        previous = sys.excepthook
+
+        def lost_peer(kind, value, tb) -> None:
+            text = str(value)
+            if issubclass(kind, RuntimeError) and ("peer" in text or "connection" in text):
+                self.fail("lost the connection to another rank: it failed or was stopped "
+                          "(see its output)")
+            previous(kind, value, tb)
+
+        sys.excepthook = lost_peer
         threading.Thread(target=self._signals, args=(read,), daemon=True).start()
         threading.Thread(target=self._clock, daemon=True).start()
         return self

@@ -128,7 +128,10 @@ def test_a_killed_rank_stops_the_others(tp_model, tmp_path):
     assert time.time() - start < 120
     out = done.stdout + done.stderr
     assert "rank 1 dies now" in out
-    assert "error: rank 0/2: stopped by the launcher: another rank failed" in out
+    # the launcher's signal, or the backend's lost connection, whichever reaches rank 0 first
+    assert re.search(r"error: rank 0/2: (stopped by the launcher: another rank failed|lost the "
+                     r"connection to another rank)", out), out
+    assert "Traceback" not in out
     assert exit_codes(done) == {0: 1, 1: -9}
 
 
