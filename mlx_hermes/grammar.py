@@ -35,8 +35,6 @@ def compile_schema(tokenizer: Tokenizer, schema: Schema) -> str:
     """The llguidance grammar for `schema` (a dict, its JSON text, or True
     for any JSON object); a HermesError naming the problem if it cannot be
     compiled."""
-    import llguidance
-
     if schema is True:
         schema = ANY_OBJECT
     if isinstance(schema, str):
@@ -46,6 +44,15 @@ def compile_schema(tokenizer: Tokenizer, schema: Schema) -> str:
             raise HermesError(f"the JSON schema is not valid JSON: {e}") from None
     if not isinstance(schema, dict):
         raise HermesError("a JSON schema must be a JSON object")
+    return _compile(tokenizer, json.dumps(schema, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(tokenizer: Tokenizer, schema: str) -> str:
+    """One compilation per distinct schema: the server checks a request's schema
+    when it arrives and the engine compiles it again when the sequence starts."""
+    import llguidance
+
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=COMPACT)
     except ValueError as e:
@@ -86,10 +93,6 @@ class JsonConstraint:
             allowed = mx.concatenate([allowed, mx.zeros(logits.shape[-1] - allowed.shape[0],
                                                         mx.uint8)])
         return mx.where(allowed > 0, logits, mx.array(-mx.inf, logits.dtype))
-
-    @property
-    def error(self) -> Optional[str]:
-        return self.matcher.get_error() if self.matcher.is_error() else None
 
 
 def constraint(tokenizer: Tokenizer, schema: Optional[Schema] = None,

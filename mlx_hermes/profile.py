@@ -27,7 +27,6 @@ from .chip import Chip
 from .errors import HermesError
 from .formats import Recipe, Width, recipe
 from .model import Model, ModelArgs
-from .moe import SparseMoeBlock
 from .specialize import FastPaths, install, specialize
 
 GB = 1e9

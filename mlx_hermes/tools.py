@@ -25,7 +25,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from .errors import HermesError
 from .grammar import COMPACT
@@ -169,6 +169,3 @@ def parse_calls(text: str, tools: list[Tool]) -> tuple[str, list[Call]]:
     kept.append(text[at:])
     return "".join(kept).strip() if calls else text, calls
 
-
-def describe(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
