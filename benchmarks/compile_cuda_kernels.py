@@ -1,4 +1,4 @@
-"""Compile mlx_hermes/cuda_qmv.py's kernels for Hopper on any machine, no GPU:
+"""Compile mlx_hermes/cuda_qmv.py's and cuda_grouped.py's kernels for Hopper on any machine, no GPU:
 catches compile errors and shows registers and spills before a device run.
 
     pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 \
@@ -26,17 +26,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_hermes import cuda_qmv  # noqa: E402
+from mlx_hermes import cuda_grouped, cuda_qmv  # noqa: E402
 
-BF16, U32 = "__nv_bfloat16", "uint32_t"
-# name, inputs with their types, output, body, template arguments (8x7B, 4-bit, group 64)
+BF16, U32, F32 = "__nv_bfloat16", "uint32_t", "float"
+QMV, GROUPED = cuda_qmv.HEADER, cuda_qmv.HEADER + cuda_grouped.HEADER
+# name, header, inputs with their types, output and its type, body, template arguments
+# (8x7B, 4-bit, group 64; the grouped kernels at 32 streams)
 KERNELS = [
-    ("gate_up_swiglu", [("x", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
-                        ("logits", BF16)], "h", cuda_qmv.GATE_UP_SWIGLU,
+    ("gate_up_swiglu", QMV, [("x", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
+                             ("logits", BF16)], ("h", BF16), cuda_qmv.GATE_UP_SWIGLU,
      {"F": 14336, "K": 4096, "GS": 64, "NC": 2, "KC": 2, "E": 8, "R": cuda_qmv.GATE_UP_ROWS}),
-    ("down_combine", [("h", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
-                      ("logits", BF16)], "y", cuda_qmv.DOWN_COMBINE,
+    ("down_combine", QMV, [("h", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
+                           ("logits", BF16)], ("y", BF16), cuda_qmv.DOWN_COMBINE,
      {"D": 4096, "K": 14336, "GS": 64, "NT": 1, "KC": 2, "E": 8, "R": cuda_qmv.DOWN_ROWS}),
+    ("grouped_gate_up", GROUPED, [("x", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
+                                  ("logits", BF16)], ("h", BF16), cuda_grouped.GATE_UP,
+     {"F": 14336, "K": 4096, "GS": 64, "TILES": 4, "KC": 2, "E": 8}),
+    ("grouped_down", GROUPED, [("h", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
+                               ("logits", BF16)], ("y", F32), cuda_grouped.DOWN,
+     {"D": 4096, "K": 14336, "GS": 64, "TILES": 4, "KC": 2, "E": 8}),
 ]
 
 
@@ -49,12 +57,19 @@ def cuda_root() -> Path:
     return Path(list(nvidia.cuda_nvrtc.__path__)[0]).parent
 
 
-def source(name: str, inputs: list, output: str, body: str, template: dict) -> str:
-    params = ", ".join([f"const {t}* __restrict__ {n}" for n, t in inputs]
-                       + [f"{BF16}* __restrict__ {output}"])
+def source(name: str, header: str, inputs: list, output: tuple, body: str,
+           template: dict) -> str:
+    params = []
+    for n, t in inputs:
+        params.append(f"const {t}* __restrict__ {n}")
+        # shapes MLX passes where the body names them (as Shape, its fixed-size array)
+        params += [f"const __grid_constant__ Shape {n}_shape"] * (f"{n}_shape" in body)
+        params += [f"const __grid_constant__ int {n}_ndim"] * (f"{n}_ndim" in body)
+    params = ", ".join(params + [f"{output[1]}* __restrict__ {output[0]}"])
     values = ", ".join(str(v) for v in template.values())
-    return ("#include <cuda_bf16.h>\n#include <cuda/std/cstdint>\nusing cuda::std::uint32_t;\n"
-            + cuda_qmv.HEADER
+    return ("#include <cuda_bf16.h>\n#include <cuda/std/cstdint>\n#include <cuda/std/array>\n"
+            "using cuda::std::uint32_t;\nusing Shape = cuda::std::array<int32_t, 8>;\n"
+            + header
             + f"\ntemplate <{', '.join(f'int {k}' for k in template)}>\n"
             f"__global__ void {name}({params}) {{\n{body}\n}}\n"
             f"template __global__ void {name}<{values}>({params});\n")
@@ -88,9 +103,9 @@ def main() -> None:
     nvrtc = ctypes.CDLL(str(next((root / "cuda_nvrtc" / "lib").glob("libnvrtc.so*"))))
     ptxas = root / "cuda_nvcc" / "bin" / "ptxas"
     rows, failed = [], False
-    for name, inputs, output, body, template in KERNELS:
-        rc, log, ptx = compile_ptx(nvrtc, root, source(name, inputs, output, body, template),
-                                   a.arch)
+    for name, header, inputs, output, body, template in KERNELS:
+        rc, log, ptx = compile_ptx(nvrtc, root, source(name, header, inputs, output, body,
+                                                        template), a.arch)
         row = {"kernel": name, "compiled": rc == 0, "registers": None, "spill_bytes": None}
         if rc != 0:
             failed = True

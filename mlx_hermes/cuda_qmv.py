@@ -17,10 +17,12 @@ bound by host work per op (benchmarks/decode_overhead.py), which the fusion
 cuts: a token is ~800 MLX ops instead of mlx-lm's ~1,600.
 
 `specialize` installs `KernelMoeBlock` on CUDA only, for bf16 activations
-and 4-bit affine experts with gate and up fused (moe.Experts.fuse);
-everywhere else (Metal, CPU, other formats, prefill) MLX's own ops run, and
-the kernels are tested against them on the GPU machine
-(tests/test_fast_paths.py).
+and 4-bit affine experts with gate and up fused (moe.Experts.fuse). It runs
+these kernels for one token, cuda_grouped.py's (each expert read once for
+all its tokens) for steps of up to cuda_grouped.MAX_TOKENS tokens (batched
+decode, short prompts), and the portable block beyond. Everywhere else
+(Metal, CPU, other formats) MLX's own ops run, and the kernels are tested
+against them on the GPU machine (tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
+from . import cuda_grouped
 from .moe import SparseMoeBlock
 
 # Output rows per warp of each kernel, threads per block. On an H100
 # (benchmarks/moe_decode_kernel.py --sweep) 2/2 and 4/4 were the best of 8
 # settings, 2% apart (one run); 8 rows, or 1 for down, were 10-15% slower.
 GATE_UP_ROWS, DOWN_ROWS, BLOCK = 2, 2, 128
-# The kernels read a chosen expert once per token, as gather_qmm does on
-# CUDA; they take steps of up to 31 tokens (top-2), as before batching.
-KERNEL_MAX_PAIRS = 64
+# These kernels read a chosen expert once per token, as gather_qmm does on
+# CUDA: they take steps of this many tokens at most, the grouped kernels
+# larger ones.
+ONE_TOKEN_MAX = 1
 
 HEADER = r"""
 // 32 activations of bf16 (four 16-byte words at word u) into floats; returns their sum
@@ -224,16 +228,21 @@ def applies(block: SparseMoeBlock, dtype: mx.Dtype) -> bool:
             and gate_up.weight.shape[0] <= 64  # experts: a bit each in a 64-bit mask
             and gate_up.weight.shape[-2] // 2 % GATE_UP_ROWS == 0
             and hidden % DOWN_ROWS == 0
-            and hidden % 32 == 0 and down.weight.shape[-1] * 8 % 32 == 0)
+            and hidden % 32 == 0 and down.weight.shape[-1] * 8 % 32 == 0
+            and cuda_grouped.applies(experts))
 
 
 class KernelMoeBlock(SparseMoeBlock):
-    """A MoE block that decodes (fewer than KERNEL_MAX_PAIRS token-expert pairs)
-    through the two kernels; prefill runs the portable block."""
+    """A MoE block that runs steps of up to cuda_grouped.MAX_TOKENS tokens
+    through the kernels (these for one token, the grouped ones for more);
+    longer prompts run the portable block."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] * self.top_k < KERNEL_MAX_PAIRS:
+        tokens = x.size // x.shape[-1]
+        if tokens <= ONE_TOKEN_MAX:
             return moe(x, self.switch_mlp, self.gate(x), self.top_k)  # [B, L, D]
+        if tokens <= cuda_grouped.MAX_TOKENS:
+            return cuda_grouped.moe(x, self.switch_mlp, self.gate(x), self.top_k)
         return super().__call__(x)
 
 

@@ -1,0 +1,304 @@
+"""A CUDA fast path for batched decoding: each expert's 4-bit weights read
+once per step for all the tokens routed to it, on tensor cores.
+
+MLX's `gather_qmm` on CUDA reads an expert once per token routed to it
+(one layer's experts for 32 streams: 5.3 ms on an H200, where reading the 8
+experts once takes ~0.3 ms), and so do cuda_qmv.py's one-token kernels. Here
+two kernels (`mx.fast.cuda_kernel`) do a MoE block's expert work for 2 to
+MAX_TOKENS tokens:
+
+1. gate_up: a warp takes one expert's 8 gate rows and the matching 8 up rows
+   and every token routed to that expert (in tiles of 8), SwiGLU applied in
+   registers: h [T*k, F], one row per (token, choice).
+2. down: a warp takes 16 down rows of one expert and its tokens' h rows,
+   and adds each product, weighted by the router, into y [T, D] (float32,
+   atomically: with k = 2 the sum 0 + a + b is the same in either order).
+
+Each warp finds its expert's tokens itself: lane i picks token i's top k
+from the router's logits (cuda_qmv.top_k) and a ballot gives the expert's
+tokens as a bit mask, so no routing op, sort or gather runs on the host.
+
+The products run on `mma.sync.m16n8k16` (bf16 in, float32 sums): A is 16
+weight rows x 16 inputs, dequantized in registers to bf16 (scale * q + bias,
+one rounding, as MLX's `dequantize` to bf16); B is 16 inputs x 8 tokens. A
+dot product does not depend on the order of its terms, so each thread feeds
+the mma its own 32 consecutive codes in the order that is cheapest to
+unpack: codes m and m+4 of a 32-bit word share one bf16 pair
+(`(q >> 4m) & 0x000F000F | 0x43004300` is 128 + code in each half), and the
+activations are paired the same way with one byte permute.
+
+`cuda_qmv.KernelMoeBlock` (installed at load by `specialize`, CUDA only)
+calls `moe` for steps of 2 to MAX_TOKENS tokens; Metal, the CPU, and
+`--portable` run MLX's own ops. Tested against them on the GPU machine
+(tests/test_fast_paths.py); compile-checked anywhere with
+benchmarks/compile_cuda_kernels.py.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# Tokens per call: an expert's tokens are a 64-bit mask, in tiles of 8.
+MAX_TOKENS = 64
+BLOCK = 128  # threads: 4 warps, neighbouring row tiles of one expert, sharing its tokens' rows
+
+HEADER = r"""
+// the n-th (from 0) set bit of mask, or -1
+__device__ __forceinline__ int nth_token(unsigned long long mask, int n) {
+    if (n >= __popcll(mask)) return -1;
+    for (int i = 0; i < n; i++) mask &= mask - 1;
+    return __ffsll(mask) - 1;
+}
+
+// The tokens (of nt <= 64) that have expert e among their top KC, as a bit
+// mask; every lane of the warp gets the same mask.
+template <int E, int KC, typename T>
+__device__ __forceinline__ unsigned long long expert_tokens(const T* logits, int nt, int e,
+                                                            int lane) {
+    unsigned long long mask = 0;
+    for (int p = 0; p * 32 < nt; p++) {
+        const int tok = p * 32 + lane;
+        bool chose = false;
+        if (tok < nt) {
+            int idx[KC];
+            float wt[KC];
+            top_k<E, KC>(logits + long(tok) * E, idx, wt);
+            #pragma unroll
+            for (int j = 0; j < KC; j++) chose |= idx[j] == e;
+        }
+        mask |= (unsigned long long)__ballot_sync(0xffffffffu, chose) << (32 * p);
+    }
+    return mask;
+}
+
+// Which of token tok's KC choices expert e is, and its router weight.
+template <int E, int KC, typename T>
+__device__ __forceinline__ int choice_of(const T* logits, int tok, int e, float* weight) {
+    int idx[KC];
+    float wt[KC];
+    top_k<E, KC>(logits + long(tok) * E, idx, wt);
+    int c = 0;
+    #pragma unroll
+    for (int j = 0; j < KC; j++) {
+        if (idx[j] == e) {
+            c = j;
+            *weight = wt[j];
+        }
+    }
+    return c;
+}
+
+// One 32-bit word of 8 four-bit codes -> 4 bf16 pairs (code m, code m+4),
+// each scale * q + bias with one rounding.
+__device__ __forceinline__ void dequant8(unsigned int q, __nv_bfloat162 s, __nv_bfloat162 b,
+                                         unsigned int* out) {
+    const __nv_bfloat162 base = __floats2bfloat162_rn(128.f, 128.f);
+    #pragma unroll
+    for (int m = 0; m < 4; m++) {
+        unsigned int v = ((q >> (4 * m)) & 0x000F000Fu) | 0x43004300u;  // 128 + code
+        const __nv_bfloat162 n = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), base);
+        const __nv_bfloat162 w = __hfma2(n, s, b);
+        out[m] = *reinterpret_cast<const unsigned int*>(&w);
+    }
+}
+
+// 8 bf16 activations (16 bytes) -> the 4 pairs (x_m, x_m+4) dequant8's codes meet.
+__device__ __forceinline__ void pair8(uint4 v, unsigned int* out) {
+    out[0] = __byte_perm(v.x, v.z, 0x5410);
+    out[1] = __byte_perm(v.x, v.z, 0x7632);
+    out[2] = __byte_perm(v.y, v.w, 0x5410);
+    out[3] = __byte_perm(v.y, v.w, 0x7632);
+}
+
+// c += A B: A 16x16 (rows g, g+8 of this thread: a0, a1 inputs 2t..2t+1, a2, a3 inputs
+// 2t+8..2t+9), B 16x8 (column g), c 16x8 (rows g, g+8; columns 2t, 2t+1).
+__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The products of one 128-input step for every tile of tokens. Rows ra, rb
+// (this thread's g and g+8) of w; xrow[j]: this thread's token row of x in
+// tile j (-1: none). Thread t takes inputs 32u .. 32u+31, u = 4 step + t.
+template <int K, int GS, int TILES>
+__device__ __forceinline__ void grouped_step(
+        const uint32_t* w, const __nv_bfloat16* scales, const __nv_bfloat16* biases,
+        const __nv_bfloat16* x, long ra, long rb, const long* xrow, int tiles, int u,
+        float (*acc)[4]) {
+    constexpr int KU4 = K / 32;
+    constexpr int G = K / GS;
+    unsigned int a[16], b[16];
+    if (u < KU4) {
+        const uint4 qa = reinterpret_cast<const uint4*>(w)[ra * KU4 + u];
+        const uint4 qb = reinterpret_cast<const uint4*>(w)[rb * KU4 + u];
+        const int gi = (u * 32) / GS;
+        const __nv_bfloat162 sa = __bfloat162bfloat162(scales[ra * G + gi]);
+        const __nv_bfloat162 ba = __bfloat162bfloat162(biases[ra * G + gi]);
+        const __nv_bfloat162 sb = __bfloat162bfloat162(scales[rb * G + gi]);
+        const __nv_bfloat162 bb = __bfloat162bfloat162(biases[rb * G + gi]);
+        dequant8(qa.x, sa, ba, a); dequant8(qa.y, sa, ba, a + 4);
+        dequant8(qa.z, sa, ba, a + 8); dequant8(qa.w, sa, ba, a + 12);
+        dequant8(qb.x, sb, bb, b); dequant8(qb.y, sb, bb, b + 4);
+        dequant8(qb.z, sb, bb, b + 8); dequant8(qb.w, sb, bb, b + 12);
+    } else {
+        #pragma unroll
+        for (int i = 0; i < 16; i++) a[i] = b[i] = 0u;
+    }
+    #pragma unroll
+    for (int j = 0; j < TILES; j++) {
+        if (j < tiles) {  // the same for the whole warp, as mma.sync needs
+            unsigned int xp[16];
+            if (xrow[j] >= 0 && u < KU4) {
+                const uint4* xr = reinterpret_cast<const uint4*>(x + xrow[j] * K) + u * 4;
+                pair8(xr[0], xp); pair8(xr[1], xp + 4); pair8(xr[2], xp + 8); pair8(xr[3], xp + 12);
+            } else {
+                #pragma unroll
+                for (int i = 0; i < 16; i++) xp[i] = 0u;
+            }
+            #pragma unroll
+            for (int i = 0; i < 8; i++) {
+                mma16816(acc[j], a[2 * i], b[2 * i], a[2 * i + 1], b[2 * i + 1], xp[2 * i],
+                         xp[2 * i + 1]);
+            }
+        }
+    }
+}
+"""
+
+# The number of tokens is read from the logits' shape at run time, so a
+# batch that grows or shrinks does not compile a kernel per size: only TILES
+# (tiles of 8 tokens an expert may have, which sizes the registers) is a
+# compile-time constant, in four steps (tiles_for).
+TOKENS = r"""
+    int NT = 1;
+    for (int i = 0; i < logits_ndim - 1; i++) NT *= logits_shape[i];
+"""
+
+# x [NT, K], w [E, 2F, K/8] (gate rows, then up rows), logits [NT, E] -> h [NT*KC, F]
+GATE_UP = TOKENS + r"""
+    constexpr int STEPS = (K / 32 + 3) / 4;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int wid = int((long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
+    if (wid >= E * (F / 8)) return;
+    const int e = wid / (F / 8);
+    const int n0 = (wid % (F / 8)) * 8;
+    const unsigned long long mine = expert_tokens<E, KC>(logits, NT, e, lane);
+    const int tiles = (__popcll(mine) + 7) / 8;
+    if (tiles == 0) return;
+    long xrow[TILES];
+    #pragma unroll
+    for (int j = 0; j < TILES; j++) xrow[j] = nth_token(mine, 8 * j + g);
+    const long gate = long(e) * 2 * F + n0 + g;
+    float acc[TILES][4];
+    #pragma unroll
+    for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int s = 0; s < STEPS; s++) {
+        grouped_step<K, GS, TILES>(w, scales, biases, x, gate, gate + F, xrow, tiles, 4 * s + t, acc);
+    }
+    #pragma unroll
+    for (int j = 0; j < TILES; j++) {
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int tok = j < tiles ? nth_token(mine, 8 * j + 2 * t + half) : -1;
+            if (tok >= 0) {
+                float wt;
+                const int c = choice_of<E, KC>(logits, tok, e, &wt);
+                const float vg = acc[j][half], vu = acc[j][2 + half];
+                h[(long(tok) * KC + c) * F + n0 + g] = __float2bfloat16(vg / (1.f + __expf(-vg)) * vu);
+            }
+        }
+    }
+"""
+
+# h [NT*KC, K], w [E, D, K/8], logits [NT, E] -> y [NT, D] float32, zeroed, summed into
+DOWN = TOKENS + r"""
+    constexpr int STEPS = (K / 32 + 3) / 4;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int wid = int((long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
+    if (wid >= E * (D / 16)) return;
+    const int e = wid / (D / 16);
+    const int d0 = (wid % (D / 16)) * 16;
+    const unsigned long long mine = expert_tokens<E, KC>(logits, NT, e, lane);
+    const int tiles = (__popcll(mine) + 7) / 8;
+    if (tiles == 0) return;
+    long xrow[TILES];
+    #pragma unroll
+    for (int j = 0; j < TILES; j++) {
+        const int tok = nth_token(mine, 8 * j + g);
+        float wt;
+        xrow[j] = tok < 0 ? -1 : long(tok) * KC + choice_of<E, KC>(logits, tok, e, &wt);
+    }
+    const long row = long(e) * D + d0 + g;
+    float acc[TILES][4];
+    #pragma unroll
+    for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int s = 0; s < STEPS; s++) {
+        grouped_step<K, GS, TILES>(w, scales, biases, h, row, row + 8, xrow, tiles, 4 * s + t, acc);
+    }
+    #pragma unroll
+    for (int j = 0; j < TILES; j++) {
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int tok = j < tiles ? nth_token(mine, 8 * j + 2 * t + half) : -1;
+            if (tok >= 0) {
+                float wt = 0.f;
+                choice_of<E, KC>(logits, tok, e, &wt);
+                atomicAdd(y + long(tok) * D + d0 + g, wt * acc[j][half]);
+                atomicAdd(y + long(tok) * D + d0 + g + 8, wt * acc[j][2 + half]);
+            }
+        }
+    }
+"""
+
+_kernels: dict = {}
+
+
+def _kernel(name: str, inputs: list[str], output: str, source: str):
+    if name not in _kernels:
+        from .cuda_qmv import HEADER as QMV_HEADER  # top_k, shared with the one-token kernels
+
+        _kernels[name] = mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=[output],
+                                             source=source, header=QMV_HEADER + HEADER)
+    return _kernels[name]
+
+
+def applies(experts) -> bool:
+    """Whether the grouped kernels take these (fused, 4-bit: as cuda_qmv
+    checks) experts' shapes: 8 gate rows and 16 down rows per warp, inputs
+    in whole 32-code words."""
+    E, two_f, _ = experts.gate_up_proj.weight.shape
+    D = experts.down_proj.weight.shape[-2]
+    return E <= 64 and two_f // 2 % 32 == 0 and D % 32 == 0
+
+
+def tiles_for(tokens: int) -> int:
+    """The TILES a step of `tokens` compiles with: 1, 2, 4 or 8."""
+    tiles = (tokens + 7) // 8
+    return 1 << (tiles - 1).bit_length()
+
+
+def moe(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
+    """The MoE block's output for 2..MAX_TOKENS tokens and the router's
+    `logits` [..., E]: x [..., D] -> [..., D] (see cuda_qmv.moe)."""
+    D = x.shape[-1]
+    T = x.size // D
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    E, F = gate_up.weight.shape[0], gate_up.weight.shape[-2] // 2
+    tiles = tiles_for(T)
+    h = _kernel("hermes_grouped_gate_up", ["x", "w", "scales", "biases", "logits"], "h",
+                GATE_UP)(
+        inputs=[x, gate_up.weight, gate_up.scales, gate_up.biases, logits],
+        template=[("F", F), ("K", D), ("GS", gate_up.group_size), ("TILES", tiles), ("KC", k),
+                  ("E", E)],
+        grid=(E * (F // 8) * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+        output_shapes=[(T * k, F)], output_dtypes=[mx.bfloat16])[0]
+    y = _kernel("hermes_grouped_down", ["h", "w", "scales", "biases", "logits"], "y", DOWN)(
+        inputs=[h, down.weight, down.scales, down.biases, logits],
+        template=[("D", D), ("K", F), ("GS", down.group_size), ("TILES", tiles), ("KC", k),
+                  ("E", E)],
+        grid=(E * (D // 16) * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+        output_shapes=[x.shape], output_dtypes=[mx.float32], init_value=0)[0]
+    return y.astype(x.dtype)
