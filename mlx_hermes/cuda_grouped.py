@@ -253,16 +253,10 @@ DOWN = TOKENS + r"""
     }
 """
 
-_kernels: dict = {}
-
-
 def _kernel(name: str, inputs: list[str], output: str, source: str):
-    if name not in _kernels:
-        from .cuda_qmv import HEADER as QMV_HEADER  # top_k, shared with the one-token kernels
+    from . import cuda_qmv  # top_k and the kernel cache, shared with the one-token kernels
 
-        _kernels[name] = mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=[output],
-                                             source=source, header=QMV_HEADER + HEADER)
-    return _kernels[name]
+    return cuda_qmv._kernel(name, inputs, output, source, cuda_qmv.HEADER + HEADER)
 
 
 def applies(experts) -> bool:

@@ -27,6 +27,8 @@ against them on the GPU machine (tests/test_fast_paths.py).
 
 from __future__ import annotations
 
+import hashlib
+
 import mlx.core as mx
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
@@ -209,11 +211,18 @@ DOWN_COMBINE = r"""
 _kernels: dict = {}
 
 
-def _kernel(name: str, inputs: list[str], output: str, source: str):
-    if name not in _kernels:
-        _kernels[name] = mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=[output],
-                                             source=source, header=HEADER)
-    return _kernels[name]
+def _kernel(name: str, inputs: list[str], output: str, source: str, header: str = ""):
+    """The kernel `name`, made once per process. MLX caches a compiled kernel on
+    disk (/tmp/mlx/<version>/ptx) under its name and template values only, so
+    the name carries a hash of the source: an edited kernel is never served
+    from an old compile."""
+    header = header or HEADER
+    digest = hashlib.sha1((header + source).encode()).hexdigest()[:10]
+    if (name, digest) not in _kernels:
+        _kernels[name, digest] = mx.fast.cuda_kernel(
+            name=f"{name}_{digest}", input_names=inputs, output_names=[output], source=source,
+            header=header)
+    return _kernels[name, digest]
 
 
 def applies(block: SparseMoeBlock, dtype: mx.Dtype) -> bool:
