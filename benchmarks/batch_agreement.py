@@ -1,6 +1,7 @@
 """How closely a batched sequence follows its solo run, in the model's dtype.
 
     python benchmarks/batch_agreement.py [--layers 4] [--streams 8] [--tokens 48] [--portable]
+        [--dtype float32|bfloat16]
 
 On the CPU in float32 the batch gives exactly the solo tokens (tests). On a
 GPU in bf16, a batched matrix product may round differently from a
@@ -45,8 +46,11 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--portable", action="store_true")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="compute dtype (default: this machine's, bf16 on a GPU)")
     args = ap.parse_args()
-    model = prof.synthetic_model("8x7b", args.layers, dtype=prof.compute_dtype(),
+    dtype = getattr(mx, args.dtype) if args.dtype else prof.compute_dtype()
+    model = prof.synthetic_model("8x7b", args.layers, dtype=dtype,
                                  fast_paths=FastPaths.none() if args.portable else FastPaths())
     tokenizer = batch_profile.without_eos(Tokenizer.from_path(TOKENIZER))
 

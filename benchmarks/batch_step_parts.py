@@ -1,0 +1,79 @@
+"""Where one batched decode step's time goes: the model's parts for N rows
+against one row, 8x7B shapes, random 4-bit weights, this machine's fast paths.
+
+    python benchmarks/batch_step_parts.py [--streams 32] [--context 256] [--trials 20]
+
+Times (ms per call, `--trials` calls queued before one eval, best of 3, so
+host work hides behind the device): one layer's attention projections and
+attention over a left-padded batch cache, its MoE block, the LM head; then
+a whole model step for N rows evaluated each step, as a decode loop runs
+it. The whole step against the sum of its parts shows the host's share.
+Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlx_hermes import profile as prof  # noqa: E402
+
+
+def timed(fn, trials: int) -> float:
+    mx.eval(fn())
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        mx.eval([fn() for _ in range(trials)])
+        best = min(best, (time.perf_counter() - start) / trials * 1e3)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=32)
+    a = ap.parse_args()
+    model = prof.synthetic_model("8x7b", a.layers, 4, dtype=mx.bfloat16)
+    D, L = model.args.hidden_size, len(model.layers)
+    layer = model.layers[0]
+    rows = {}
+    for n in sorted({1, a.streams}):
+        x = (mx.random.normal((n, 1, D)) * 0.5).astype(mx.bfloat16)
+        cache = [BatchKVCache(left_padding=[0] * n) for _ in model.layers]
+        mx.eval(model(mx.random.randint(0, 32000, (n, a.context)), cache=cache))
+        att = layer.self_attn
+        part = {
+            "qkv_proj": timed(lambda: att.qkv_proj(x), a.trials),
+            "o_proj": timed(lambda: att.o_proj(x), a.trials),
+            "moe_block": timed(lambda: layer.block_sparse_moe(x), a.trials),
+            "lm_head": timed(lambda: model.lm_head(x), a.trials),
+        }
+        steps = []
+        tok = mx.random.randint(0, 32000, (n, 1))
+        for _ in range(a.trials):
+            start = time.perf_counter()
+            logits = model(tok, cache=cache)
+            tok = mx.argmax(logits[:, -1:], axis=-1)
+            mx.eval(tok)
+            steps.append((time.perf_counter() - start) * 1e3)
+        part["model_step_evaluated"] = sorted(steps)[len(steps) // 2]
+        part["parts_sum"] = L * (part["qkv_proj"] + part["o_proj"] + part["moe_block"]) + \
+            part["lm_head"]
+        rows[n] = part
+        print(f"{n} rows: " + ", ".join(f"{k} {v:.3f} ms" for k, v in part.items()), flush=True)
+    print(json.dumps({"layers": L, "context": a.context, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
