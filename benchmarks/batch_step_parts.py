@@ -3,7 +3,8 @@ against one row, 8x7B shapes, random 4-bit weights, this machine's fast paths.
 
     python benchmarks/batch_step_parts.py [--streams 32] [--context 256] [--trials 20]
 
-Times (ms per call, `--trials` calls queued before one eval, best of 3, so
+Times (ms per call; each 4-bit linear layer also through MLX's
+quantized_matmul and through cuda_grouped.linear, with the kernel's error; `--trials` calls queued before one eval, best of 3, so
 host work hides behind the device): one layer's attention projections and
 attention over a left-padded batch cache, its MoE block, the LM head; then
 a whole model step for N rows evaluated each step, as a decode loop runs
@@ -20,10 +21,12 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mlx_hermes import cuda_grouped  # noqa: E402
 from mlx_hermes import profile as prof  # noqa: E402
 
 
@@ -59,6 +62,15 @@ def main() -> None:
             "moe_block": timed(lambda: layer.block_sparse_moe(x), a.trials),
             "lm_head": timed(lambda: model.lm_head(x), a.trials),
         }
+        for name, lin in (("qkv_proj", att.qkv_proj), ("o_proj", att.o_proj),
+                          ("lm_head", model.lm_head)):
+            part[f"{name}_mlx_ops"] = timed(lambda: nn.QuantizedLinear.__call__(lin, x), a.trials)
+            if mx.cuda.is_available() and n <= cuda_grouped.MAX_TOKENS:
+                part[f"{name}_kernel"] = timed(lambda: cuda_grouped.linear(x, lin), a.trials)
+                ref = nn.QuantizedLinear.__call__(lin, x).astype(mx.float32)
+                got = cuda_grouped.linear(x, lin).astype(mx.float32)
+                part[f"{name}_kernel_rel_error"] = (mx.abs(got - ref).max()
+                                                    / mx.abs(ref).max()).item()
         steps = []
         tok = mx.random.randint(0, 32000, (n, 1))
         for _ in range(a.trials):

@@ -8,8 +8,10 @@ side by side, and a checkpoint saved from either is the same):
 
 - on a CPU with several cores (cpu.py): the LM head split by rows, and the
   experts spread over one CPU stream per core (results bit-identical);
-- on CUDA: the MoE blocks' decoding through two fused kernels (cuda_qmv.py),
-  and long prefills through dequantized float experts (dense_prefill.py).
+- on CUDA: the MoE blocks' decoding through fused kernels (cuda_qmv.py for
+  one token, cuda_grouped.py for batched steps), the 4-bit linear layers'
+  steps of a few rows through cuda_grouped.py, and long prefills through
+  dequantized float experts (dense_prefill.py).
 
 Before that, q/k/v and gate/up are joined into one matrix each (fusion.py):
 a layout change every backend gains from. On Metal nothing else is installed:
@@ -26,7 +28,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu, cuda_qmv, dense_prefill
+from . import cpu, cuda_grouped, cuda_qmv, dense_prefill
 from .model import Model
 
 
@@ -74,6 +76,10 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
             if cuda_qmv.applies(layer.block_sparse_moe, dtype):
                 install(layer.block_sparse_moe, cuda_qmv.KernelMoeBlock)
                 installed.append("cuda-kernels")
+        for _, module in model.named_modules():
+            if cuda_grouped.linear_applies(module, dtype):
+                install(module, cuda_grouped.KernelQuantizedLinear)
+                installed.append("cuda-linear")
     return list(dict.fromkeys(installed))
 
 

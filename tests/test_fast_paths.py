@@ -76,6 +76,7 @@ def test_each_fast_path_is_installed_where_it_applies_only(mlx_lm_quantized):
     installed = specialize(model)
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     assert ("dense-prefill" in installed) == on_cuda
+    assert on_cuda or "cuda-linear" not in installed
     multicore_cpu = mx.default_device() == mx.cpu and len(cpu.streams()) > 1
     assert ("cpu-experts" in installed) == multicore_cpu
     if multicore_cpu:
@@ -232,3 +233,30 @@ def test_kernel_block_picks_a_path_by_step_size():
         block.__class__ = cuda_qmv.KernelMoeBlock
         got = np.array(block(x).astype(mx.float32))
         assert_close(got, want, rel=2e-2)
+
+
+@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+                    reason="a CUDA kernel: runs on the GPU machine")
+@pytest.mark.parametrize("out_dims,in_dims,group_size", [(48, 96, 32), (256, 128, 64),
+                                                         (112, 384, 128)])
+def test_cuda_grouped_linear_equals_quantized_matmul(out_dims, in_dims, group_size):
+    """cuda_grouped.KernelQuantizedLinear against MLX's quantized_matmul for
+    steps of 1 to MAX_TOKENS rows (and one past, where it hands over)."""
+    from mlx_hermes import cuda_grouped
+
+    mx.random.seed(out_dims)
+    layer = nn.QuantizedLinear(in_dims, out_dims, bias=False, group_size=group_size, bits=4)
+    layer.set_dtype(mx.bfloat16)
+    assert cuda_grouped.linear_applies(layer, mx.bfloat16)
+    counts = (1, 5, 33, cuda_grouped.MAX_TOKENS, cuda_grouped.MAX_TOKENS + 1)
+    for rows in counts if out_dims == 256 else (5, 33):
+        x = (mx.random.normal((1, rows, in_dims)) * 0.5).astype(mx.bfloat16)
+        want = np.array(layer(x).astype(mx.float32))
+        layer.__class__ = cuda_grouped.KernelQuantizedLinear
+        got = layer(x)
+        layer.__class__ = nn.QuantizedLinear
+        assert got.shape == (1, rows, out_dims) and got.dtype == mx.bfloat16
+        try:
+            assert_close(np.array(got.astype(mx.float32)), want, rel=2e-2)
+        except AssertionError as e:
+            raise AssertionError(f"{rows} rows: {e}") from None
