@@ -267,8 +267,8 @@ LINEAR = r"""
     for (int i = 0; i < x_ndim - 1; i++) M *= x_shape[i];
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int wid = int((long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
-    if (wid >= N / 16) return;
-    const int n0 = wid * 16;
+    if (wid >= (N + 15) / 16) return;
+    const int n0 = wid * 16;  // rows past N (a last partial tile) read row N-1, written nowhere
     const int tiles = (M + 7) / 8;
     long xrow[TILES];
     #pragma unroll
@@ -277,7 +277,8 @@ LINEAR = r"""
     #pragma unroll
     for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     for (int s = 0; s < (K / 32 + 3) / 4; s++) {
-        grouped_step<K, GS, TILES>(w, scales, biases, x, n0 + g, n0 + g + 8, xrow, tiles, 4 * s + t, acc);
+        grouped_step<K, GS, TILES>(w, scales, biases, x, min(n0 + g, N - 1), min(n0 + g + 8, N - 1),
+                                   xrow, tiles, 4 * s + t, acc);
     }
     #pragma unroll
     for (int j = 0; j < TILES; j++) {
@@ -285,8 +286,8 @@ LINEAR = r"""
         for (int half = 0; half < 2; half++) {
             const int m = 8 * j + 2 * t + half;
             if (j < tiles && m < M) {
-                y[long(m) * N + n0 + g] = __float2bfloat16(acc[j][half]);
-                y[long(m) * N + n0 + g + 8] = __float2bfloat16(acc[j][2 + half]);
+                if (n0 + g < N) y[long(m) * N + n0 + g] = __float2bfloat16(acc[j][half]);
+                if (n0 + g + 8 < N) y[long(m) * N + n0 + g + 8] = __float2bfloat16(acc[j][2 + half]);
             }
         }
     }
@@ -346,25 +347,32 @@ def linear(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
         inputs=[x, layer.weight, layer.scales, layer.biases],
         template=[("N", N), ("K", K), ("GS", layer.group_size),
                   ("TILES", tiles_for(x.size // K))],
-        grid=(N // 16 * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+        grid=((N + 15) // 16 * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
         output_shapes=[(*x.shape[:-1], N)], output_dtypes=[mx.bfloat16])[0]
     return y + layer["bias"] if "bias" in layer else y
 
 
 def linear_applies(layer: nn.Module, dtype: mx.Dtype) -> bool:
     """Whether `linear` takes this layer for activations of `dtype`: 4-bit
-    affine, bf16 scales, 16-row tiles, inputs in whole 32-code words."""
+    affine, bf16 scales, inputs in whole 32-code words."""
     return (dtype == mx.bfloat16 and isinstance(layer, nn.QuantizedLinear)
             and layer.bits == 4 and getattr(layer, "mode", "affine") == "affine"
             and layer.group_size in (32, 64, 128) and layer.scales.dtype == mx.bfloat16
-            and layer.weight.shape[0] % 16 == 0 and layer.weight.shape[1] * 8 % 32 == 0)
+            and layer.weight.shape[1] * 8 % 32 == 0)
+
+
+# One row stays with MLX's quantized_matmul: on an H200 it was faster there
+# for attention's projections (q/k/v 0.023 against 0.036 ms, o 0.018 against
+# 0.035; benchmarks/batch_step_parts.py), the LM head aside (0.081 vs 0.068).
+LINEAR_MIN_ROWS = 2
 
 
 class KernelQuantizedLinear(nn.QuantizedLinear):
-    """A 4-bit linear layer whose steps of up to MAX_TOKENS rows run `linear`
-    (weights read once for all rows); longer ones run MLX's quantized_matmul."""
+    """A 4-bit linear layer whose steps of LINEAR_MIN_ROWS to MAX_TOKENS rows
+    run `linear` (weights read once for all rows); others run MLX's
+    quantized_matmul."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] <= MAX_TOKENS:
+        if LINEAR_MIN_ROWS <= x.size // x.shape[-1] <= MAX_TOKENS:
             return linear(x, self)
         return super().__call__(x)
