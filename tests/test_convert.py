@@ -96,7 +96,9 @@ def test_sharded_bf16_source_and_sharded_output(tiny_model, tmp_path, monkeypatc
     monkeypatch.setattr(converter, "split_into_shards",
                         lambda specs: writer.split_into_shards(specs, 2_500_000))
     out = tmp_path / "out"
-    summary = mlx_hermes_convert.convert(str(tiny_model), str(out), bits=4, group_size=64)
+    # groups of 32: at 64 the tiny model's rows (hidden 64) are one group each, which
+    # MLX's CUDA quantized_matmul gets wrong (benchmarks/mlx_cuda_bugs.md)
+    summary = mlx_hermes_convert.convert(str(tiny_model), str(out), bits=4, group_size=32)
     files = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(files) > 2 and files == summary["files"]
     assert all(p.stat().st_size <= 3_000_000 for p in out.glob("model-*.safetensors"))
@@ -107,7 +109,7 @@ def test_sharded_bf16_source_and_sharded_output(tiny_model, tmp_path, monkeypatc
         assert (out / name).exists()
     card = (out / "README.md").read_text()
     assert "bits per weight" in card and " MB |" in card and "0.00 GB" not in card
-    assert 4.4 < summary["bits_per_weight"] < 4.6  # 4 bits + bf16 scale and bias per 64
+    assert 4.9 < summary["bits_per_weight"] < 5.1  # 4 bits + bf16 scale and bias per 32
     model, tokenizer = mlx_hermes.load(out)
     ids = tokenizer.encode(PROMPT)
     ours = np.array(model(mx.array([ids]))[0].astype(mx.float32))  # bf16 where a GPU loads it

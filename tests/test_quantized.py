@@ -23,8 +23,15 @@ def mlx_lm_logits(path, tokens):
     return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
 
 
+ON_CUDA = mx.cuda.is_available() and mx.default_device() == mx.gpu
+
+
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (5, 32), (6, 32), (8, 32), (4, 64)])
 def test_mlx_lm_folder_matches_mlx_lm(mlx_lm_quantized, bits, group_size):
+    if ON_CUDA and group_size == 64:
+        pytest.skip("MLX's CUDA quantized_matmul is wrong when a row is one group (K 64, group "
+                    "64, 2+ rows; mlx-lm's own model gives NaN here too): "
+                    "benchmarks/mlx_cuda_bugs.md, reproduced by benchmarks/mlx_cuda_bugs.py")
     path = mlx_lm_quantized(bits, group_size)
     model, _ = mlx_hermes.load(path)
     tokens = prompt(40, seed=bits)

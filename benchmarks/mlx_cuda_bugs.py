@@ -1,0 +1,102 @@
+"""One-op reproductions of the MLX CUDA bugs behind our GPU test skips
+(benchmarks/mlx_cuda_bugs.md holds the write-ups made from this output).
+
+    python benchmarks/mlx_cuda_bugs.py [--json F]
+
+Each case is one MLX op on random data against a float64 numpy reference,
+run on the default device (the GPU there; on a CPU every case is right, which
+is the point of comparison). TF32 is switched off first, so float32 errors
+above ~1e-5 are real. Prints expected vs actual per case, and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def quantized_matmul(K: int, group: int, rows: int, bits: int, dtype, rng) -> dict:
+    """x [rows, K] @ dequantize(w [64, K])^T through mx.quantized_matmul."""
+    w = mx.array(rng.normal(size=(64, K)).astype(np.float32) * 0.1)
+    wq, s, b = mx.quantize(w, group_size=group, bits=bits)
+    s, b = s.astype(dtype), b.astype(dtype)
+    ref_w = np.array(mx.dequantize(wq, s, b, group_size=group, bits=bits).astype(mx.float32),
+                     dtype=np.float64)
+    x = mx.array(rng.normal(size=(rows, K)).astype(np.float32)).astype(dtype)
+    ref = np.array(x.astype(mx.float32), dtype=np.float64) @ ref_w.T
+    case = {"op": "quantized_matmul", "K": K, "group_size": group, "rows": rows, "bits": bits,
+            "dtype": str(dtype).split(".")[-1]}
+    try:
+        out = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=group, bits=bits)
+        out = np.array(out.astype(mx.float32), dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - a missing kernel is the finding
+        return {**case, "error": str(e)[:200]}
+    err = float(np.abs(out - ref).max() / np.abs(ref).max())
+    return {**case, "rel_error": err if err == err else float("inf")}
+
+
+def sorted_gather_mm(D: int, F: int, E: int, tokens: int, dtype, rng) -> dict:
+    """Float experts w [E, F, D] applied to tokens sorted by expert, mx.gather_mm."""
+    w = rng.normal(size=(E, F, D)).astype(np.float32) * 0.2
+    x = rng.normal(size=(tokens, D)).astype(np.float32)
+    idx = np.sort(rng.integers(0, E, size=tokens)).astype(np.uint32)
+    xd = mx.array(x).astype(dtype)
+    wd = mx.array(w).astype(dtype)
+    ref = np.einsum("nd,nfd->nf", np.array(xd.astype(mx.float32), dtype=np.float64),
+                    np.array(wd.astype(mx.float32), dtype=np.float64)[idx])
+    case = {"op": "gather_mm sorted", "D": D, "F": F, "experts": E, "tokens": tokens,
+            "dtype": str(dtype).split(".")[-1]}
+    try:
+        out = mx.gather_mm(xd[:, None, :], wd.swapaxes(-1, -2), rhs_indices=mx.array(idx),
+                           sorted_indices=True)
+        out = np.array(out.astype(mx.float32), dtype=np.float64).reshape(tokens, F)
+    except Exception as e:  # noqa: BLE001 - a missing kernel is the finding
+        return {**case, "error": str(e)[:200]}
+    err = float(np.abs(out - ref).max() / np.abs(ref).max())
+    return {**case, "rel_error": err if err == err else float("inf")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    cases = []
+    for K, group in ((64, 64), (128, 128), (64, 32), (128, 64)):
+        for rows in (1, 5):
+            for dtype in (mx.float32, mx.bfloat16):
+                cases.append(quantized_matmul(K, group, rows, 4, dtype, rng))
+    # the quantized KV cache's attention: 8-bit keys of head dim 32 in groups of 32
+    for rows in (1, 5):
+        cases.append(quantized_matmul(32, 32, rows, 8, mx.float32, rng))
+        cases.append(quantized_matmul(64, 32, rows, 8, mx.float32, rng))
+    for dtype in (mx.float32, mx.bfloat16):
+        for D, F, E, tokens in ((64, 96, 4, 10), (64, 128, 8, 80), (4096, 14336 // 8, 8, 80)):
+            cases.append(sorted_gather_mm(D, F, E, tokens, dtype, rng))
+    print(f"MLX {mx.__version__}, device {mx.default_device()}, "
+          f"MLX_ENABLE_TF32={os.environ['MLX_ENABLE_TF32']}")
+    for c in cases:
+        tol = 1e-1 if c["dtype"] == "bfloat16" else 1e-4  # a wrong result is O(1) off
+        ok = "error" not in c and c["rel_error"] < tol
+        what = c.get("error") or f"max rel error {c['rel_error']:.2e} (expected < {tol:g})"
+        print(("ok      " if ok else "MISSING " if "error" in c else "WRONG   ") + " ".join(f"{k}={v}" for k, v in c.items()
+                                                    if k not in ("error", "rel_error"))
+              + f": {what}")
+        c["ok"] = ok
+    out = {"mlx": mx.__version__, "device": str(mx.default_device()), "cases": cases}
+    print(json.dumps(out))
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
