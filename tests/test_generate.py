@@ -188,6 +188,9 @@ def test_repetition_penalty_discourages_repeats(loaded):
     assert not set(penalised) & set(prompt)
 
 
+@pytest.mark.skipif(mx.cuda.is_available() and mx.default_device() == mx.gpu,
+                    reason="MLX's CUDA build has no quantized_matmul for this shape: float32 "
+                    "activations, 8-bit, group 32 (benchmarks/mlx_cuda_bugs.md)")
 def test_quantized_kv_cache_follows_the_float_one(loaded):
     model, tokenizer = loaded("mqa")  # head dim 32
     from mlx_hermes.cache import make_cache
