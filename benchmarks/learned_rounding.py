@@ -1,7 +1,7 @@
 """Learned rounding against round-to-nearest on the trained stand-in.
 
     python benchmarks/learned_rounding.py /tmp/smallmix-trained --data held.txt [--bits 2]
-        [--windows 20] [--workdir /tmp/learned-rounding]
+        [--windows 20] [--workdir /tmp/learned-rounding] [--experts-only]
 
 mlx-lm's GPTQ (`mlx_lm.quant.gptq`, 2, 4 or 8 bits: it has no 3-bit path) quantizes every
 Linear and SwitchLinear (attention, router, experts, LM head) of the stand-in at --bits, group
@@ -9,12 +9,22 @@ Linear and SwitchLinear (attention, router, experts, LM head) of the stand-in at
 standard library files whose name does not hash to 0 mod 10; the held-out text is the other
 files). The same layout by round-to-nearest comes from our converter. Both are scored against
 the unquantized model on the held-out text: perplexity, KL, top-1. Prints a table and JSON.
+
+--experts-only asks what the converter would gain from GPTQ in the small-Mac recipe: fit-24gb's
+layout with every expert at 2 bits, group 128 (its 3-bit down_proj at the ends left out, as
+GPTQ here takes one width), by round-to-nearest (our converter), and the same file with the
+experts' tensors replaced by GPTQ's (mlx-lm's GPTQ on the experts only: the other layers are
+quantized at 8 bits first, which takes them out of its reach; its Hessians come from one pass
+over the calibration text, so the experts' do not depend on how the rest is rounded); fit-24gb
+itself (round-to-nearest, with those ends) for reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import sys
 import sysconfig
 import time
@@ -28,30 +38,97 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlx_hermes  # noqa: E402
 from mlx_hermes import perplexity as ppl  # noqa: E402
 from mlx_hermes.convert_package import converter_package  # noqa: E402
+from mlx_hermes import formats  # noqa: E402
 from mlx_hermes.formats import Recipe, Width  # noqa: E402
 
 
-def gptq(model_path: Path, workdir: Path, bits: int) -> Path:
-    from mlx_lm import convert, load
-    from mlx_lm.quant.gptq import gptq_quantize
-    from mlx_lm.utils import save
+def calibration(tokenizer) -> mx.array:
+    """64 x 512 tokens of the training split."""
     from train_small_mixtral import corpus
 
-    f32 = workdir / "float32"
-    if not f32.exists():
-        convert(str(model_path), str(f32), dtype="float32")  # mlx-lm's layout, unquantized
-    model, tokenizer, config = load(str(f32), return_config=True)
     train, _ = corpus(Path(sysconfig.get_paths()["stdlib"]))
     ids: list[int] = []
     for text in train:
         ids += tokenizer.encode(text)
         if len(ids) >= 64 * 512:
             break
-    data = mx.array(ids[: 64 * 512]).reshape(64, 512)
-    model, config["quantization"] = gptq_quantize(model, data, bits, 64, 8, 64)
+    return mx.array(ids[: 64 * 512]).reshape(64, 512)
+
+
+def float32_copy(model_path: Path, workdir: Path) -> Path:
+    from mlx_lm import convert
+
+    f32 = workdir / "float32"
+    if not f32.exists():
+        convert(str(model_path), str(f32), dtype="float32")  # mlx-lm's layout, unquantized
+    return f32
+
+
+def gptq(model_path: Path, workdir: Path, bits: int) -> Path:
+    from mlx_lm import load
+    from mlx_lm.quant.gptq import gptq_quantize
+    from mlx_lm.utils import save
+
+    f32 = float32_copy(model_path, workdir)
+    model, tokenizer, config = load(str(f32), return_config=True)
+    model, config["quantization"] = gptq_quantize(model, calibration(tokenizer), bits, 64, 8, 64)
     out = workdir / f"gptq-{bits}bit"
     save(str(out), str(f32), model, tokenizer, config)
     return out
+
+
+def gptq_experts(model_path: Path, workdir: Path, bits: int, group_size: int) -> dict:
+    """The experts' tensors after mlx-lm's GPTQ on the experts alone."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.models.switch_layers import SwitchLinear
+    from mlx_lm.quant.gptq import gptq_quantize
+
+    model, tokenizer = load(str(float32_copy(model_path, workdir)))
+    nn.quantize(model, group_size=64, bits=8,  # out of GPTQ's reach (it takes Linear only)
+                class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                and not isinstance(m, SwitchLinear))
+    model, _ = gptq_quantize(model, calibration(tokenizer), bits, group_size, 8, 64)
+    return {k: v for k, v in tree_flatten(model.parameters()) if ".switch_mlp." in k}
+
+
+def experts_only(a, reference, tokenizer, texts) -> list[dict]:
+    from safetensors.numpy import load_file, save_file
+    import numpy as np
+
+    fit = formats.recipe("fit-24gb")
+    flat = dataclasses.replace(fit, name="fit-24gb, all experts 2-bit g128", down_more=None,
+                               ends=0)
+    paths = {}
+    for r in (fit, flat):
+        paths[r.name] = a.workdir / r.name.replace(" ", "_").replace(",", "")
+        converter_package().convert(str(a.model), str(paths[r.name]), recipe=r, force=True)
+    start = time.time()
+    learned = gptq_experts(a.model, a.workdir, flat.experts.bits, flat.experts.group_size)
+    gptq_s = time.time() - start
+    hybrid = a.workdir / "fit-24gb_all-2bit_gptq-experts"
+    shutil.rmtree(hybrid, ignore_errors=True)
+    shutil.copytree(paths[flat.name], hybrid)
+    replaced = 0
+    for f in hybrid.glob("*.safetensors"):
+        tensors = load_file(f)
+        for k in tensors:
+            if k in learned:
+                assert tensors[k].shape == learned[k].shape, k
+                tensors[k] = np.array(learned[k].astype(mx.float32)).astype(tensors[k].dtype) \
+                    if tensors[k].dtype != np.uint32 else np.array(learned[k])
+                replaced += 1
+        save_file(tensors, str(f), metadata={"format": "mlx"})
+    assert replaced == len(learned), (replaced, len(learned))
+    rows = []
+    for name, path in ((f"{flat.name}, GPTQ experts", hybrid), (flat.name, paths[flat.name]),
+                       (fit.label, paths[fit.name])):
+        model, _ = mlx_hermes.load(path)
+        rows.append({"method": name, **ppl.perplexity(model, tokenizer, texts, 512, reference,
+                                                      max_windows=a.windows)})
+    print(f"GPTQ on the experts took {gptq_s:.0f} s; {replaced} tensors replaced")
+    return rows
 
 
 def main() -> None:
@@ -61,10 +138,19 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2, choices=[2, 4])
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/learned-rounding"))
+    ap.add_argument("--experts-only", action="store_true")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     reference, tokenizer = mlx_hermes.load(a.model)
     texts = ppl.read_texts(a.data)
+    if a.experts_only:
+        rows = experts_only(a, reference, tokenizer, texts)
+        print(f"{'method':<44} {'perplexity':>16} {'KL':>8} {'top-1':>6}")
+        for r in rows:
+            print(f"{r['method']:<44} {r['perplexity']:8.2f} ±{r['perplexity_se']:6.2f} "
+                  f"{r['kl_divergence']:8.4f} {100 * r['top1_agreement']:5.1f}%")
+        print(json.dumps({"benchmark": "learned_rounding", "experts_only": True, "rows": rows}))
+        return
 
     start = time.time()
     learned = gptq(a.model, a.workdir, a.bits)
