@@ -25,19 +25,11 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mlx_hermes import cuda_grouped  # noqa: E402
+from grouped_kernel import timed  # noqa: E402
 from mlx_hermes import profile as prof  # noqa: E402
-
-
-def timed(fn, trials: int) -> float:
-    mx.eval(fn())
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        mx.eval([fn() for _ in range(trials)])
-        best = min(best, (time.perf_counter() - start) / trials * 1e3)
-    return best
 
 
 def main() -> None:
