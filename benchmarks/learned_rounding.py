@@ -94,9 +94,6 @@ def gptq_experts(model_path: Path, workdir: Path, bits: int, group_size: int) ->
 
 
 def experts_only(a, reference, tokenizer, texts) -> list[dict]:
-    from safetensors.numpy import load_file, save_file
-    import numpy as np
-
     fit = formats.recipe("fit-24gb")
     flat = dataclasses.replace(fit, name="fit-24gb, all experts 2-bit g128", down_more=None,
                                ends=0)
@@ -112,14 +109,13 @@ def experts_only(a, reference, tokenizer, texts) -> list[dict]:
     shutil.copytree(paths[flat.name], hybrid)
     replaced = 0
     for f in hybrid.glob("*.safetensors"):
-        tensors = load_file(f)
+        tensors, metadata = mx.load(str(f), return_metadata=True)
         for k in tensors:
             if k in learned:
                 assert tensors[k].shape == learned[k].shape, k
-                tensors[k] = np.array(learned[k].astype(mx.float32)).astype(tensors[k].dtype) \
-                    if tensors[k].dtype != np.uint32 else np.array(learned[k])
+                tensors[k] = learned[k].astype(tensors[k].dtype)
                 replaced += 1
-        save_file(tensors, str(f), metadata={"format": "mlx"})
+        mx.save_safetensors(str(f), tensors, metadata=metadata)
     assert replaced == len(learned), (replaced, len(learned))
     rows = []
     for name, path in ((f"{flat.name}, GPTQ experts", hybrid), (flat.name, paths[flat.name]),

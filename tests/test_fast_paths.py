@@ -260,3 +260,14 @@ def test_cuda_grouped_linear_equals_quantized_matmul(out_dims, in_dims, group_si
             assert_close(np.array(got.astype(mx.float32)), want, rel=2e-2)
         except AssertionError as e:
             raise AssertionError(f"{rows} rows: {e}") from None
+
+
+def test_grouped_kernels_compile_four_variants_at_most():
+    """A batch of any size up to MAX_TOKENS runs one of four compiled
+    variants (tiles of 8 tokens: 1, 2, 4 or 8), each covering its sizes."""
+    from mlx_hermes import cuda_grouped
+
+    tiles = {n: cuda_grouped.tiles_for(n) for n in range(1, cuda_grouped.MAX_TOKENS + 1)}
+    assert set(tiles.values()) == {1, 2, 4, 8}
+    assert all(8 * t >= n for n, t in tiles.items())
+    assert [tiles[n] for n in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 4, 4, 8, 8]
