@@ -2,8 +2,9 @@
 once per step for all the tokens routed to it, on tensor cores.
 
 MLX's `gather_qmm` on CUDA reads an expert once per token routed to it
-(one layer's experts for 32 streams: 5.3 ms on an H200, where reading the 8
-experts once takes ~0.3 ms), and so do cuda_qmv.py's one-token kernels. Here
+(one layer's experts for 32 streams: 4.8 ms on an H200, where reading the 8
+experts once takes ~0.3 ms; these kernels: 0.54 ms,
+benchmarks/grouped_kernel.py), and so do cuda_qmv.py's one-token kernels. Here
 two kernels (`mx.fast.cuda_kernel`) do a MoE block's expert work for 2 to
 MAX_TOKENS tokens:
 
@@ -29,8 +30,9 @@ activations are paired the same way with one byte permute.
 
 The same tiles serve the dense 4-bit layers (attention's projections, the
 LM head): MLX's `quantized_matmul` on CUDA also reads the weights once per
-row (one layer's q/k/v for 32 rows: 0.37 ms against 0.027 for one row;
-the LM head 2.4 ms against 0.08), so `KernelQuantizedLinear` runs `linear`,
+row (one layer's q/k/v for 32 rows: 0.36 ms against 0.023 for one row;
+the LM head 2.44 ms against 0.081; here 0.048 and 0.14 ms,
+benchmarks/batch_step_parts.py), so `KernelQuantizedLinear` runs `linear`,
 every row tile of the layer over all the step's tokens.
 
 `cuda_qmv.KernelMoeBlock` (installed at load by `specialize`, CUDA only)
