@@ -48,6 +48,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+# cuda_qmv imports this module too (its block dispatches here); each uses the
+# other's names only when called, so either may be imported first.
+from . import cuda_qmv
+
 # Tokens per call: an expert's tokens are a 64-bit mask, in tiles of 8.
 MAX_TOKENS = 64
 BLOCK = 128  # threads: 4 warps, neighbouring row tiles of one expert, sharing its tokens' rows
@@ -297,9 +301,8 @@ LINEAR = r"""
 
 
 def _kernel(name: str, inputs: list[str], output: str, source: str):
-    from . import cuda_qmv  # top_k and the kernel cache, shared with the one-token kernels
-
-    return cuda_qmv._kernel(name, inputs, output, source, cuda_qmv.HEADER + HEADER)
+    # cuda_qmv's cache and header (top_k), shared with the one-token kernels
+    return cuda_qmv._kernel(name, inputs, output, source, extra_header=HEADER)
 
 
 def applies(experts) -> bool:

@@ -211,18 +211,19 @@ DOWN_COMBINE = r"""
 _kernels: dict = {}
 
 
-def _kernel(name: str, inputs: list[str], output: str, source: str, header: str = ""):
-    """The kernel `name`, made once per process. MLX caches a compiled kernel on
-    disk (/tmp/mlx/<version>/ptx) under its name and template values only, so
-    the name carries a hash of the source: an edited kernel is never served
-    from an old compile."""
-    header = header or HEADER
-    digest = hashlib.sha1((header + source).encode()).hexdigest()[:10]
-    if (name, digest) not in _kernels:
-        _kernels[name, digest] = mx.fast.cuda_kernel(
+def _kernel(name: str, inputs: list[str], output: str, source: str, extra_header: str = ""):
+    """The kernel `name`, made on its first call in a process and looked up by
+    name after that (every MoE block calls this each token). MLX caches a
+    compiled kernel on disk (/tmp/mlx/<version>/ptx) under its name and
+    template values only, so the name given to MLX carries a hash of the
+    source: an edited kernel is never served from an old compile."""
+    if name not in _kernels:
+        header = HEADER + extra_header
+        digest = hashlib.sha1((header + source).encode()).hexdigest()[:10]
+        _kernels[name] = mx.fast.cuda_kernel(
             name=f"{name}_{digest}", input_names=inputs, output_names=[output], source=source,
             header=header)
-    return _kernels[name, digest]
+    return _kernels[name]
 
 
 def applies(block: SparseMoeBlock, dtype: mx.Dtype) -> bool:
