@@ -5,6 +5,11 @@ perplexity and KL divergence from the unquantized model.
     python benchmarks/train_small_mixtral.py unused --heldout held.txt    # held-out text, any machine
     python benchmarks/recipe_quality.py small --data held.txt [--windows 100]
     python benchmarks/recipe_quality.py small --data held.txt --study   # one choice at a time
+    python benchmarks/train_small_mixtral.py unused --train-text train.txt   # calibration text
+    python benchmarks/recipe_quality.py small --data held.txt --calibration train.txt --windows 20
+
+With --calibration, every recipe with parts at 4 bits or fewer is converted a second time with
+GPTQ (`convert --calibration`, its default 32k tokens) and scored beside the first.
 
 A ~30M-parameter stand-in ranks the broad choices (expert bits, group sizes,
 where the extra bits go); it says nothing exact about the 46.7B model.
@@ -28,7 +33,7 @@ from mlx_hermes import tiny  # noqa: E402
 from mlx_hermes.convert_package import converter_package  # noqa: E402
 
 RECIPES = [("uniform", 8), ("uniform", 6), ("uniform", 5), ("mixed", 4), ("uniform", 4),
-           ("fit-32gb", None), ("fit-24gb", None)]
+           ("fit-32gb", None), ("uniform", 3), ("fit-24gb", None), ("uniform", 2)]
 
 
 def study() -> list:
@@ -66,6 +71,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=100, help="score the first N windows only")
     ap.add_argument("--study", action="store_true",
                     help="one choice at a time, the rest at 8 bits, instead of the recipes")
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="also convert each recipe of <= 4 bits with GPTQ calibrated on this text")
     a = ap.parse_args()
     if not (a.model / "tokenizer.model").exists():
         tiny.copy_tokenizer(a.model)
@@ -80,19 +87,23 @@ def main() -> None:
     rows = [{"recipe": "bf16 (unquantized)", **measure(reference)}]
     with tempfile.TemporaryDirectory() as d:
         for k, (name, bits) in enumerate(study() if a.study else RECIPES):
-            out = Path(d) / f"recipe-{k}"
-            summary = converter.convert(str(a.model), str(out), bits=bits, recipe=name)
-            model, _ = mlx_hermes.load(out)
-            label = name.name if a.study else summary["label"]
-            rows.append({"recipe": label, "bits_per_weight": summary["bits_per_weight"],
-                         "size_mb": summary["size_bytes"] / 1e6,
-                         **measure(model, reference)})
-            print(f"{rows[-1]['recipe']}: done", file=sys.stderr, flush=True)
-            del model
-            shutil.rmtree(out)
-    print(f"{'recipe':<32} {'bits/w':>7} {'MB':>6} {'perplexity':>16} {'KL':>9} {'top-1':>6}")
+            learned = a.calibration and (bits or 4) <= 4
+            for calibration in (None, a.calibration) if learned else (None,):
+                out = Path(d) / f"recipe-{k}"
+                summary = converter.convert(str(a.model), str(out), bits=bits, recipe=name,
+                                            calibration=calibration)
+                model, _ = mlx_hermes.load(out)
+                label = name.name if a.study else summary["label"]
+                rows.append({"recipe": label + (" + GPTQ" if calibration else ""),
+                             "bits_per_weight": summary["bits_per_weight"],
+                             "size_mb": summary["size_bytes"] / 1e6,
+                             **measure(model, reference)})
+                print(f"{rows[-1]['recipe']}: done", file=sys.stderr, flush=True)
+                del model
+                shutil.rmtree(out)
+    print(f"{'recipe':<40} {'bits/w':>7} {'MB':>6} {'perplexity':>16} {'KL':>9} {'top-1':>6}")
     for r in rows:
-        print(f"{r['recipe']:<32} {r.get('bits_per_weight', 16):7.3f} {r.get('size_mb', 0):6.1f} "
+        print(f"{r['recipe']:<40} {r.get('bits_per_weight', 16):7.3f} {r.get('size_mb', 0):6.1f} "
               f"{r['perplexity']:8.3f} ±{r['perplexity_se']:6.3f} {r.get('kl_divergence', 0):9.5f} "
               f"{100 * r.get('top1_agreement', 1):5.1f}%")
     print(json.dumps({"benchmark": "recipe_quality", "tokens": rows[0]["tokens"], "rows": rows}))

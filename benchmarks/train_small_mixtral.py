@@ -77,15 +77,19 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--heldout", type=Path, default=None,
                     help="write the held-out files here and stop (no training)")
+    ap.add_argument("--train-text", type=Path, default=None,
+                    help="write the training files here and stop (calibration text for GPTQ)")
     a = ap.parse_args()
     mx.random.seed(0)
     config = tiny.tiny_config(**SHAPE, torch_dtype="bfloat16")
     args = ModelArgs.from_dict(config)
     tokenizer = Tokenizer.from_path(tiny.TOKENIZER)
     train, held = corpus(a.corpus)
-    if a.heldout:
-        a.heldout.write_text("\n\n".join(held))
-        print(f"{len(held)} held-out files written to {a.heldout}")
+    if a.heldout or a.train_text:
+        for path, texts in ((a.heldout, held), (a.train_text, train)):
+            if path:
+                path.write_text("\n\n".join(texts))
+                print(f"{len(texts)} files written to {path}")
         return
     ids = np.array([i for text in train for i in tokenizer.encode(text)], dtype=np.int32)
     print(f"{len(train)} files, {len(ids)} training tokens; {len(held)} held out", flush=True)

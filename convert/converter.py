@@ -23,6 +23,7 @@ from mlx_hermes.formats import SAFETENSORS_DTYPES, to_dtype
 from mlx_hermes.loader import read_config, resolve_model_path
 from mlx_hermes.model import ModelArgs
 
+from . import gptq
 from .plan import Item, Source, make_plan
 from .writer import ShardWriter, nbytes, split_into_shards
 
@@ -41,12 +42,16 @@ def convert(
     dtype: str = "bfloat16",
     force: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
+    calibration: Union[str, Path, None] = None,
+    calibration_tokens: int = gptq.CALIBRATION_TOKENS,
 ) -> dict:
     """Convert and return a summary: bits per weight, sizes, files.
 
     recipe: formats.RECIPES; `uniform` and `mixed` take bits (4) and
     group_size (64), the fit-* recipes set their own; or a formats.Recipe. progress(done, total)
-    is called as source bytes are consumed.
+    is called as source bytes are consumed. calibration: a text file (or JSONL with a `text`
+    field); its first `calibration_tokens` tokens calibrate GPTQ (gptq.py) for every quantized
+    module but the embeddings, instead of rounding to nearest.
     """
     plan_recipe = (recipe if isinstance(recipe, formats.Recipe)  # the Python API's own mixes
                    else formats.recipe(recipe, bits, group_size))
@@ -56,6 +61,9 @@ def convert(
         _check_apart(local, out)
     if out.exists() and not force:
         raise HermesError(f"{out} already exists; pass --force to replace it")
+    texts = gptq.calibration_texts(calibration) if calibration is not None else None
+    if calibration_tokens < 2:
+        raise HermesError(f"--calibration-tokens must be at least 2, got {calibration_tokens}")
     out_dtype = to_dtype(dtype)
     _make_parent(out)
     src = resolve_model_path(hf_path)
@@ -67,6 +75,9 @@ def convert(
     source = Source.open(src)
     items = make_plan(source, args, plan_recipe)
     specs = [spec for item in items for spec in item.outputs(out_dtype)]
+    rounding = None
+    if texts is not None:
+        rounding = gptq.LayerwiseGPTQ(src, texts, items, out_dtype, calibration_tokens)
 
     _remove_leftovers(out)
     tmp = out.with_name(f".{out.name}.converting-{os.getpid()}")
@@ -81,7 +92,7 @@ def convert(
         done = 0
         try:
             for item in items:
-                for name, array in convert_item(source, item, out_dtype):
+                for name, array in convert_item(source, item, out_dtype, rounding):
                     writer.write(name, array)
                 done += sum(_source_bytes(source, s) for s in item.sources)
                 if progress:
@@ -90,6 +101,8 @@ def convert(
             writer.close()
         (tmp / "model.safetensors.index.json").write_text(json.dumps(writer.index(), indent=2))
         summary = _summary(items, writer, plan_recipe, dtype, str(hf_path))
+        if rounding is not None:
+            summary["rounding"] = f"GPTQ, calibrated on {rounding.tokens} tokens of {calibration}"
         _write_config(tmp / "config.json", config, items, plan_recipe.experts, dtype)
         for name in SIDE_FILES:
             if (src / name).exists():
@@ -140,8 +153,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def convert_item(source: Source, item: Item, dtype: mx.Dtype):
-    """Yield (name, array) for one planned item, in the planned order."""
+def convert_item(source: Source, item: Item, dtype: mx.Dtype,
+                 rounding: Optional[gptq.LayerwiseGPTQ] = None):
+    """Yield (name, array) for one planned item, in the planned order: rounded to
+    nearest, or by `rounding` where it covers the item."""
+    if rounding is not None and rounding.covers(item):
+        q, scales, biases = rounding.quantized(item)
+        yield f"{item.name}.weight", q
+        yield f"{item.name}.scales", scales
+        yield f"{item.name}.biases", biases
+        return
     if len(item.sources) > 1:  # experts: stack one projection of every expert
         w = mx.stack([source.read(n).astype(dtype) for n in item.sources])
     else:
@@ -172,6 +193,7 @@ def _summary(items: list[Item], writer: ShardWriter, recipe: formats.Recipe, dty
     return {
         "source": source,
         "recipe": recipe.name,
+        "rounding": "to nearest",
         "label": recipe.label,
         "bits": recipe.experts.bits,
         "group_size": recipe.experts.group_size,
@@ -211,6 +233,7 @@ Converted by mlx-hermes on {s['date']} from `{s['source']}`.
 | --- | --- |
 | recipe | {s['label']} (scales in {s['dtype']}; each module's width in config.json) |
 | experts | {s['bits']}-bit, group size {s['group_size']} |
+| rounding | {s['rounding']} |
 | bits per weight | {s['bits_per_weight']:.3f} |
 | size | {format_size(s['size_bytes'])} |
 

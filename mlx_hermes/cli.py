@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import click
@@ -586,10 +587,17 @@ class _bar:
                    "GPU working set with a 4k context")
 @click.option("--dtype", type=click.Choice(list(DTYPES)),
               default="bfloat16", show_default=True, help="of scales and unquantized tensors")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="text file (or JSONL with a \"text\" field) to calibrate GPTQ on: learned "
+                   "rounding for every quantized layer but the embeddings, worth most at 2-3 "
+                   "bits; slower [default: round to nearest]")
+@click.option("--calibration-tokens", type=click.IntRange(min=2), default=None,
+              help="with --calibration: how many of its tokens to use [default: 32768]")
 @click.option("--report", is_flag=True, help="measure the quantization error and KL divergence")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 def convert(hf_path: str, mlx_path: str, recipe: Optional[str], bits: Optional[str],
-            group_size: Optional[str], fit_gb: Optional[int], dtype: str, report: bool,
+            group_size: Optional[str], fit_gb: Optional[int], dtype: str,
+            calibration: Optional[Path], calibration_tokens: Optional[int], report: bool,
             force: bool) -> None:
     """Quantize the original checkpoint to MLX, in bounded memory."""
     from .convert_package import converter_package
@@ -603,14 +611,18 @@ def convert(hf_path: str, mlx_path: str, recipe: Optional[str], bits: Optional[s
         row, why = recipe_for_mac(fit_gb)
         recipe, bits = row["recipe"], None if row["recipe"].startswith("fit-") else row["bits"]
         click.echo(f"--fit {fit_gb}: {row['label']}: {why}", err=True)
+    if calibration_tokens is not None and calibration is None:
+        raise HermesError("--calibration-tokens needs --calibration FILE")
     converter = converter_package()
-    with _bar("converting", True, unit="B") as progress:
+    extra = {} if calibration_tokens is None else {"calibration_tokens": calibration_tokens}
+    with _bar("converting" + (" (GPTQ)" if calibration else ""), True, unit="B") as progress:
         summary = converter.convert(hf_path, mlx_path, bits=int(bits) if bits else None,
                                     group_size=int(group_size) if group_size else None,
                                     recipe=recipe or "uniform", dtype=dtype, force=force,
-                                    progress=progress)
+                                    progress=progress, calibration=calibration, **extra)
     click.echo(f"wrote {mlx_path}: {converter.format_size(summary['size_bytes'])}, "
-               f"{summary['bits_per_weight']:.3f} bits per weight ({summary['label']}); "
+               f"{summary['bits_per_weight']:.3f} bits per weight ({summary['label']}"
+               f"{', rounded by ' + summary['rounding'] if calibration else ''}); "
                f"chat with it: mlx-hermes chat --model {mlx_path}")
     if report:
         from mlx_hermes.loader import resolve_model_path

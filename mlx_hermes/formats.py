@@ -18,7 +18,7 @@ from .errors import HermesError
 
 QUANT_BITS = (2, 3, 4, 5, 6, 8)  # MLX affine quantization
 GROUP_SIZES = (32, 64, 128)
-OFFERED_BITS = (4, 5, 6, 8)  # what convert writes and profile builds
+OFFERED_BITS = QUANT_BITS  # uniform and mixed: what convert writes and profile builds
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 # safetensors' names for the float dtypes, and their sizes
 SAFETENSORS_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -14,7 +15,7 @@ import mlx_hermes
 import mlx_hermes_convert
 from mlx_hermes import HermesError
 from mlx_hermes.cli import main
-from mlx_hermes_convert import converter, writer
+from mlx_hermes_convert import converter, gptq, writer
 
 from .conftest import SHAPES, copy_model, edit_weights, write_hf_checkpoint
 from .test_cli import mlx_hermes_command
@@ -56,10 +57,10 @@ def converted(hf_checkpoint, tmp_path_factory):
 
 
 # Random tiny weights are wide, so 4-bit noise compounds more than in the real model.
-TOLERANCE = {4: 0.6, 5: 0.3, 8: 0.05}
+TOLERANCE = {2: 1.4, 3: 0.9, 4: 0.6, 5: 0.35, 8: 0.05}
 
 
-@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("recipe", ["uniform", "mixed"])
 def test_converted_logits_stay_close_to_the_source(hf_checkpoint, converted, tokens, bits,
                                                    recipe):
@@ -226,8 +227,8 @@ def test_bad_sources(broken, tmp_path):
 
     assert "group size 64 does not divide" in convert_error(
         "--hf-path", broken, "--mlx-path", out, "--group-size", "64")
-    assert "'3' is not one of" in convert_error("--hf-path", broken, "--mlx-path", out,
-                                                 "--bits", "3")
+    assert "'7' is not one of" in convert_error("--hf-path", broken, "--mlx-path", out,
+                                                 "--bits", "7")
 
     edit_weights(broken, lambda w: w.pop("model.layers.1.block_sparse_moe.experts.2.w2.weight"))
     assert "missing tensor model.layers.1.block_sparse_moe.experts.2.w2.weight" in \
@@ -369,3 +370,82 @@ def test_fit_names_its_choice(wide_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     assert "--fit 24: fit-24gb (experts 2-bit g128): a 24 GB Mac's GPU may use 16.0 GB" in \
         result.stderr
+
+
+# ---- learned rounding (GPTQ) -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calibration_text(tmp_path_factory):
+    """Real text the tokenizer knows: a module of Python's standard library."""
+    path = tmp_path_factory.mktemp("calibration") / "calibration.txt"
+    path.write_text(Path(json.__file__).read_text())
+    return path
+
+
+def test_gptq_conversion_loads_everywhere_and_beats_rounding_to_nearest(
+        wide_checkpoint, calibration_text, tmp_path):
+    from mlx_hermes import perplexity
+
+    out = tmp_path / "gptq"
+    result = CliRunner().invoke(main, ["convert", "--hf-path", str(wide_checkpoint),
+                                       "--mlx-path", str(out), "--recipe", "fit-24gb",
+                                       "--dtype", "float32", "--calibration",
+                                       str(calibration_text), "--calibration-tokens", "1024"])
+    assert result.exit_code == 0, result.output
+    assert "converting (GPTQ)" in result.stderr and "100%" in result.stderr
+    assert "rounded by GPTQ, calibrated on 1024 tokens of" in result.stdout
+    assert "| rounding | GPTQ, calibrated on 1024 tokens" in (out / "README.md").read_text()
+    nearest = tmp_path / "nearest"
+    mlx_hermes_convert.convert(str(wide_checkpoint), str(nearest), recipe="fit-24gb",
+                               dtype="float32")
+    # the same layout, widths and sizes as rounding to nearest: only the codes differ
+    config = json.loads((out / "config.json").read_text())
+    assert config == json.loads((nearest / "config.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index == json.loads((nearest / "model.safetensors.index.json").read_text())
+
+    _, tokenizer = mlx_hermes.load(wide_checkpoint, lazy=True)
+    tokens = tokenizer.encode(PROMPT)
+    ours = logits(out, tokens)
+    assert np.abs(mlx_lm_logits(out, tokens) - ours).max() <= 1e-4 * np.abs(ours).max()
+    # on the text it was calibrated on, the model strays less from the source
+    reference, _ = mlx_hermes.load(wide_checkpoint)
+    texts = [calibration_text.read_text()]
+    kl = {}
+    for name, path in (("gptq", out), ("nearest", nearest)):
+        model, _ = mlx_hermes.load(path)
+        kl[name] = perplexity.perplexity(model, tokenizer, texts, 256, reference,
+                                         max_windows=4)["kl_divergence"]
+    assert kl["gptq"] < 0.75 * kl["nearest"], kl
+
+
+def test_gptq_bad_inputs(wide_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert "--calibration /no/such.txt: no such file" in convert_error(
+        "--hf-path", wide_checkpoint, "--mlx-path", out, "--calibration", "/no/such.txt")
+    assert "--calibration-tokens needs --calibration" in convert_error(
+        "--hf-path", wide_checkpoint, "--mlx-path", out, "--calibration-tokens", "64")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "too short" in convert_error("--hf-path", wide_checkpoint, "--mlx-path", out,
+                                        "--calibration", empty)
+    assert not out.exists()
+
+
+def test_interrupted_gptq_leaves_nothing(wide_checkpoint, calibration_text, tmp_path,
+                                         monkeypatch):
+    real = gptq.gptq
+    calls = {"n": 0}
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:  # inside the first layer
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(gptq, "gptq", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        mlx_hermes_convert.convert(str(wide_checkpoint), str(out), recipe="fit-24gb",
+                                   calibration=calibration_text, calibration_tokens=256)
+    assert list(tmp_path.iterdir()) == []
