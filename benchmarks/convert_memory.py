@@ -1,6 +1,7 @@
 """Peak memory and speed of `mlx-hermes convert` on a synthetic full-width checkpoint.
 
     python benchmarks/convert_memory.py [--layers 4] [--workdir /tmp/convert-bench] [--compare-mlx-lm]
+    python benchmarks/convert_memory.py --layers 2 --recipe fit-24gb --calibration train.txt
 
 Writes a random Mixtral with the real 8x7B widths (hidden 4096, expert FFN
 14336, 8 experts, vocab 32002) but only --layers of its 32 layers, in the
@@ -11,6 +12,12 @@ allocated, not file pages), and source MB/s. Prints a table and a JSON line.
 
 The converter works one module at a time, so its peak does not grow with
 the number of layers: the full 32-layer model should peak where this does.
+
+With --calibration (and a --recipe, e.g. fit-24gb), the conversion runs GPTQ
+(`convert --calibration`, 32k tokens) instead: its time and peak memory at the
+real widths, MLX's own peak (device memory on a GPU) too. A layer's share is
+the difference between runs with --layers 1 and 2 (the LM head and the
+calibration's embedding are in both).
 """
 
 from __future__ import annotations
@@ -121,6 +128,8 @@ def main() -> None:
     ap.add_argument("--compare-mlx-lm", action="store_true",
                     help="also convert with mlx-lm (it loads the whole model: needs RAM)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    ap.add_argument("--recipe", default="uniform", help="as convert --recipe (uniform: 4-bit g64)")
+    ap.add_argument("--calibration", type=Path, default=None, help="GPTQ on this text")
     args = ap.parse_args()
 
     src = args.workdir / f"synthetic-{args.layers}L"
@@ -128,9 +137,14 @@ def main() -> None:
     runs = {}
     out = args.workdir / "out-hermes"
     shutil.rmtree(out, ignore_errors=True)
-    code = ("import mlx_hermes_convert as c; "
-            f"c.convert({str(src)!r}, {str(out)!r}, bits=4, group_size=64)")
+    widths = "bits=4, group_size=64" if args.recipe == "uniform" else f"recipe={args.recipe!r}"
+    calibration = f", calibration={str(args.calibration)!r}" if args.calibration else ""
+    peak_file = args.workdir / "mlx-peak"
+    code = ("import mlx.core as mx; from mlx_hermes.convert_package import converter_package; "
+            f"converter_package().convert({str(src)!r}, {str(out)!r}, {widths}{calibration}); "
+            f"open({str(peak_file)!r}, 'w').write(str(mx.get_peak_memory()))")
     runs["mlx-hermes"] = measure([sys.executable, "-c", code])
+    runs["mlx-hermes"]["mlx_peak"] = int(peak_file.read_text())
     if args.compare_mlx_lm:
         lm_out = args.workdir / "out-mlx-lm"
         shutil.rmtree(lm_out, ignore_errors=True)
@@ -142,16 +156,21 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(src, ignore_errors=True)
 
-    print(f"source: {args.layers} layers at full width, {size / 1e9:.2f} GB bf16 -> 4-bit g64")
-    print(f"{'converter':<12} {'time s':>8} {'MB/s':>8} {'peak RSS GB':>12} {'peak anon GB':>13}")
+    print(f"source: {args.layers} layers at full width, {size / 1e9:.2f} GB bf16 -> "
+          f"{args.recipe}{' (4-bit g64)' if args.recipe == 'uniform' else ''}"
+          f"{', GPTQ on ' + str(args.calibration) if args.calibration else ''}; "
+          f"device {mx.default_device()}")
+    print(f"{'converter':<12} {'time s':>8} {'MB/s':>8} {'peak RSS GB':>12} {'peak anon GB':>13} "
+          f"{'MLX peak GB':>12}")
     for name, r in runs.items():
         r["mb_per_s"] = size / 1e6 / r["seconds"]
         print(f"{name:<12} {r['seconds']:8.1f} {r['mb_per_s']:8.0f} {r['peak_rss'] / 1e9:12.2f} "
-              f"{r['peak_anon'] / 1e9:13.2f}")
+              f"{r['peak_anon'] / 1e9:13.2f} {r.get('mlx_peak', 0) / 1e9:12.2f}")
     if "mlx-lm" in runs:
         ratio = runs["mlx-lm"]["peak_rss"] / runs["mlx-hermes"]["peak_rss"]
         print(f"mlx-lm needs {ratio:.1f}x the peak RSS")
     print(json.dumps({"benchmark": "convert_memory", "layers": args.layers,
+                      "recipe": args.recipe, "calibration": str(args.calibration),
                       "source_bytes": size, "machine": platform.platform(),
                       "cpus": os.cpu_count(), "runs": runs}))
 
