@@ -23,19 +23,22 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def quantized_matmul(K: int, group: int, rows: int, bits: int, dtype, rng) -> dict:
-    """x [rows, K] @ dequantize(w [64, K])^T through mx.quantized_matmul."""
-    w = mx.array(rng.normal(size=(64, K)).astype(np.float32) * 0.1)
+def quantized_matmul(K: int, group: int, rows: int, bits: int, dtype, rng, N: int = 64,
+                     transpose: bool = True) -> dict:
+    """x [rows, K] @ dequantize(w [N, K])^T through mx.quantized_matmul; with
+    transpose=False, x [rows, N] @ dequantize(w [N, K]) (the quantized KV cache's
+    scores @ values)."""
+    w = mx.array(rng.normal(size=(N, K)).astype(np.float32) * 0.1)
     wq, s, b = mx.quantize(w, group_size=group, bits=bits)
     s, b = s.astype(dtype), b.astype(dtype)
     ref_w = np.array(mx.dequantize(wq, s, b, group_size=group, bits=bits).astype(mx.float32),
                      dtype=np.float64)
-    x = mx.array(rng.normal(size=(rows, K)).astype(np.float32)).astype(dtype)
-    ref = np.array(x.astype(mx.float32), dtype=np.float64) @ ref_w.T
-    case = {"op": "quantized_matmul", "K": K, "group_size": group, "rows": rows, "bits": bits,
-            "dtype": str(dtype).split(".")[-1]}
+    x = mx.array(rng.normal(size=(rows, K if transpose else N)).astype(np.float32)).astype(dtype)
+    ref = np.array(x.astype(mx.float32), dtype=np.float64) @ (ref_w.T if transpose else ref_w)
+    case = {"op": "quantized_matmul", "K": K, "N": N, "transpose": transpose,
+            "group_size": group, "rows": rows, "bits": bits, "dtype": str(dtype).split(".")[-1]}
     try:
-        out = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=group, bits=bits)
+        out = mx.quantized_matmul(x, wq, s, b, transpose=transpose, group_size=group, bits=bits)
         out = np.array(out.astype(mx.float32), dtype=np.float64)
     except Exception as e:  # noqa: BLE001 - a missing kernel is the finding
         return {**case, "error": str(e)[:200]}
@@ -90,8 +93,18 @@ def main() -> None:
     for rows in (1, 11):
         run(quantized_matmul(32, 32, rows, 8, mx.float32, rng))
         run(quantized_matmul(64, 32, rows, 8, mx.float32, rng))
+    # the same in bf16 (the GPU's dtype), at a tiny head dim (32) and the real one (128):
+    # keys (transpose) and values, 4 and 8 bits, mlx-lm's KV groups of 64 and 32
+    for K in (32, 128):
+        for bits in (4, 8):
+            for group in (32, 64):
+                for transpose in (True, False):
+                    if group <= K:
+                        run(quantized_matmul(K, group, 10, bits, mx.bfloat16, rng, N=10,
+                                             transpose=transpose))
     for dtype in (mx.float32, mx.bfloat16):
-        for D, F, E, tokens in ((64, 96, 4, 10), (64, 128, 8, 80), (4096, 14336 // 8, 8, 80)):
+        for D, F, E, tokens in ((64, 96, 4, 10), (64, 128, 8, 80), (128, 256, 8, 40),
+                                (4096, 14336 // 8, 8, 80)):
             run(sorted_gather_mm(D, F, E, tokens, dtype, rng))
     out = {"mlx": mx.__version__, "device": str(mx.default_device()), "cases": cases}
     print(json.dumps(out))

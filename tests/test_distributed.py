@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -22,8 +23,11 @@ from mlx_hermes.model import ModelArgs
 
 from . import tp_worker
 from .conftest import write_hf_checkpoint
+from .test_cli import mlx_hermes_command
 
-BIN = Path(sys.executable).parent
+# mlx's launcher beside this Python, or on PATH (an install with --target keeps it elsewhere)
+LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or \
+    shutil.which("mlx.launch") or "mlx.launch"
 WORKER = Path(__file__).parent / "tp_worker.py"
 # 12 query heads (not a power of two) over 4 kv heads, 6 experts: splits over 2 and 4 ranks
 SHAPE = dict(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=12,
@@ -52,7 +56,7 @@ def reference(tp_model) -> dict:
 def launch(n: int, *args: str, env: dict | None = None, timeout: int = 240,
            stdin: str | None = None) -> subprocess.CompletedProcess:
     extra = [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")]
-    return subprocess.run([str(BIN / "mlx.launch"), "-n", str(n), "--backend", "ring", *extra,
+    return subprocess.run([LAUNCH, "-n", str(n), "--backend", "ring", *extra,
                            "--", *args], capture_output=True, text=True, timeout=timeout,
                           input=stdin, env={**os.environ, **(env or {})})
 
@@ -148,21 +152,21 @@ def test_generate_chat_and_profile_under_mlx_launch(tp_model):
     model, tokenizer = mlx_hermes.load(tp_model)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}])
     expected = mlx_hermes.generate(model, tokenizer, ids, max_tokens=10, temp=0.0)
-    hermes = str(BIN / "mlx-hermes")
+    hermes = mlx_hermes_command()
 
-    done = launch(2, hermes, "generate", "-m", str(tp_model), "-p", "Hello there", "--temp", "0",
+    done = launch(2, *hermes, "generate", "-m", str(tp_model), "-p", "Hello there", "--temp", "0",
                   "--max-tokens", "10")
     assert not exit_codes(done), done.stderr
     assert done.stdout == expected + "\n"  # rank 0 alone prints
     assert done.stderr.count("generation:") == 1
 
-    done = launch(2, hermes, "chat", "-m", str(tp_model), "--temp", "0", "--max-tokens", "10",
+    done = launch(2, *hermes, "chat", "-m", str(tp_model), "--temp", "0", "--max-tokens", "10",
                   stdin="Hello there\n/save x\n/exit\n")
     assert not exit_codes(done), done.stderr
     assert done.stdout.count(expected) == 1
     assert done.stderr.count("/save is not available when the model is split") == 1
 
-    done = launch(2, hermes, "profile", "-m", str(tp_model), "--prompt-tokens", "16",
+    done = launch(2, *hermes, "profile", "-m", str(tp_model), "--prompt-tokens", "16",
                   "--gen-tokens", "4", "--trials", "1", "--json")
     assert not exit_codes(done), done.stderr
     ranks = json.loads(done.stdout)["ranks"]
