@@ -1,6 +1,7 @@
-"""Why `doctor --model` flags the tiny bf16 model on CUDA: its logits on the GPU with
-the experts' pairs sorted (MLX's sorted gather_mm) and unsorted, against the CPU in
-float32.
+"""Why `doctor --model` flags the tiny bf16 model (examples/make_tiny_model.py) on CUDA:
+doctor's own trace (prefill, then greedy decode steps with the KV cache) with the default
+fast paths and with none, each row's max relative logit difference against the CPU in
+float32; and the prefill alone with the experts' pairs sorted and unsorted.
 
     python benchmarks/doctor_tiny_cuda.py MODEL
 """
@@ -15,25 +16,33 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mlx_hermes  # noqa: E402
-from mlx_hermes import moe  # noqa: E402
+from mlx_hermes import doctor, moe  # noqa: E402
+from mlx_hermes.loader import load  # noqa: E402
 from mlx_hermes.specialize import FastPaths  # noqa: E402
 
 
 def main() -> None:
     path = sys.argv[1]
-    ids = mx.array([[1] + list(range(100, 139))])  # 40 tokens: 80 pairs, sorted by default
+    tokens = [1] + list(range(100, 100 + doctor.PROMPT_TOKENS - 1))
     with mx.stream(mx.cpu):
-        ref_model, _ = mlx_hermes.load(path, dtype="float32", fast_paths=FastPaths.none())
-        ref = np.array(ref_model(ids)[0, -1])
-    model, _ = mlx_hermes.load(path, fast_paths=FastPaths.none())
-    rows = {"sorted (default)": np.array(model(ids)[0, -1].astype(mx.float32))}
-    moe.MIN_SORTED_PAIRS = 10**9
-    rows["unsorted"] = np.array(model(ids)[0, -1].astype(mx.float32))
-    for name, got in rows.items():
-        err = np.abs(got - ref).max() / np.abs(ref).max()
-        print(f"{name:<18} max rel. logit difference {err:.2e}, argmax equal "
-              f"{int(got.argmax()) == int(ref.argmax())}")
+        ref_model, _ = load(path, dtype="float32", fast_paths=FastPaths.none())
+        greedy = doctor._greedy(ref_model, tokens)
+        ref = doctor.trace(ref_model, tokens, greedy)
+    scale = np.abs(ref).max()
+    for name, paths in (("default fast paths", FastPaths()), ("portable", FastPaths.none())):
+        model, _ = load(path, fast_paths=paths)
+        got = doctor.trace(model, tokens, greedy)
+        rows = np.abs(got - ref).max(axis=1) / scale
+        print(f"{name:<20} per row (prefill, then decode steps): "
+              + " ".join(f"{r:.1e}" for r in rows), flush=True)
+    for name, threshold in (("prefill sorted", moe.MIN_SORTED_PAIRS), ("prefill unsorted", 10**9)):
+        moe.MIN_SORTED_PAIRS = threshold
+        model, _ = load(path, fast_paths=FastPaths.none())
+        got = np.array(model(mx.array([tokens]))[0].astype(mx.float32))
+        with mx.stream(mx.cpu):
+            want = np.array(ref_model(mx.array([tokens]))[0])
+        print(f"{name:<20} all positions: max rel. difference "
+              f"{np.abs(got - want).max() / np.abs(want).max():.1e}", flush=True)
 
 
 if __name__ == "__main__":
