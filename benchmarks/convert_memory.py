@@ -140,7 +140,8 @@ def main() -> None:
     widths = "bits=4, group_size=64" if args.recipe == "uniform" else f"recipe={args.recipe!r}"
     calibration = f", calibration={str(args.calibration)!r}" if args.calibration else ""
     peak_file = args.workdir / "mlx-peak"
-    code = ("import mlx.core as mx; from mlx_hermes.convert_package import converter_package; "
+    code = ("import logging; logging.basicConfig(level=logging.INFO); "
+            "import mlx.core as mx; from mlx_hermes.convert_package import converter_package; "
             f"converter_package().convert({str(src)!r}, {str(out)!r}, {widths}{calibration}); "
             f"open({str(peak_file)!r}, 'w').write(str(mx.get_peak_memory()))")
     runs["mlx-hermes"] = measure([sys.executable, "-c", code])

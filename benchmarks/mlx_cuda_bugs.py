@@ -46,6 +46,31 @@ def quantized_matmul(K: int, group: int, rows: int, bits: int, dtype, rng, N: in
     return {**case, "rel_error": err if err == err else float("inf")}
 
 
+def kv_attention_scores(heads: int, kv_heads: int, L: int, S: int, D: int, bits: int,
+                        group: int, rng) -> dict:
+    """The quantized KV cache's scores as mlx-lm computes them
+    (models/base.py, quantized_scaled_dot_product_attention): queries
+    [1, K, H/K, L, D] against keys quantized [1, K, 1, S, D], batched."""
+    q = mx.array(rng.normal(size=(1, kv_heads, heads // kv_heads, L, D)).astype(np.float32))
+    k = mx.array(rng.normal(size=(1, kv_heads, S, D)).astype(np.float32))
+    kq, s, b = mx.quantize(k, group_size=group, bits=bits)
+    q, s, b = q.astype(mx.bfloat16), s.astype(mx.bfloat16), b.astype(mx.bfloat16)
+    k_ref = np.array(mx.dequantize(kq, s, b, group_size=group, bits=bits).astype(mx.float32),
+                     dtype=np.float64)
+    ref = np.array(q.astype(mx.float32), dtype=np.float64) @ np.swapaxes(k_ref, -1, -2)[:, :, None]
+    case = {"op": "quantized_matmul batched (KV cache scores)", "heads": heads,
+            "kv_heads": kv_heads, "L": L, "S": S, "D": D, "bits": bits, "group_size": group,
+            "dtype": "bfloat16"}
+    try:
+        out = mx.quantized_matmul(q, *(mx.expand_dims(t, -3) for t in (kq, s, b)),
+                                  transpose=True, group_size=group, bits=bits)
+        out = np.array(out.astype(mx.float32), dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - a missing kernel is the finding
+        return {**case, "error": str(e)[:200]}
+    err = float(np.abs(out - ref).max() / np.abs(ref).max())
+    return {**case, "rel_error": err if err == err else float("inf")}
+
+
 def sorted_gather_mm(D: int, F: int, E: int, tokens: int, dtype, rng) -> dict:
     """Float experts w [E, F, D] applied to tokens sorted by expert, mx.gather_mm."""
     w = rng.normal(size=(E, F, D)).astype(np.float32) * 0.2
@@ -70,6 +95,7 @@ def sorted_gather_mm(D: int, F: int, E: int, tokens: int, dtype, rng) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--kv-only", action="store_true", help="only the quantized KV cache's cases")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"MLX {mx.__version__}, device {mx.default_device()}, "
@@ -85,6 +111,16 @@ def main() -> None:
                                if k not in ("error", "rel_error", "ok")) + f": {what}", flush=True)
         cases.append(case)
 
+    # batched, as mlx-lm's quantized attention calls it: the tiny test model (4 heads over
+    # 2, head dim 32) and the real one (32 over 8, head dim 128), a 10-token prompt and a
+    # decode step, mlx-lm's default --kv-group-size 64 (32 where the head dim is 32)
+    for heads, kv_heads, D in ((4, 2, 32), (32, 8, 128)):
+        for L, S in ((10, 10), (1, 11)):
+            for bits in (4, 8):
+                run(kv_attention_scores(heads, kv_heads, L, S, D, bits, min(64, D), rng))
+    if a.kv_only:
+        print(json.dumps({"mlx": mx.__version__, "cases": cases}))
+        return
     for K, group in ((64, 64), (128, 128), (64, 32), (128, 64)):
         for rows in (1, 5):
             for dtype in (mx.float32, mx.bfloat16):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -221,6 +222,7 @@ class LayerwiseGPTQ:
         return out
 
     def _layer(self, i: int) -> None:
+        start = time.perf_counter()
         layer = self.model.model.layers[i]
         prefix = f"model.layers.{i}"
         attn, moe = layer.self_attn, layer.block_sparse_moe
@@ -299,6 +301,8 @@ class LayerwiseGPTQ:
         mx.eval(self.hidden)
         self.model.model.layers[i] = None  # its weights go; the next layer's are read
         mx.clear_cache()
+        log.info("GPTQ: layer %d of %d in %.1f s", i + 1, self.args.num_hidden_layers,
+                 time.perf_counter() - start)
 
     def _join(self, name: str) -> None:
         """The experts' results, one per expert, as the converter's stacked item."""
