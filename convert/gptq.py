@@ -64,19 +64,23 @@ def pack(codes: mx.array, bits: int) -> mx.array:
 
 
 def inverse_cholesky(hessian: mx.array) -> mx.array:
-    """The upper Cholesky factor of the damped Hessian's inverse: GPTQ's [I, I] weights
-    for spreading a column's error over the columns after it. An input that is always 0
-    (its diagonal is 0) gets 1 there: its column's error then has nowhere to go."""
-    with mx.stream(mx.cpu):  # MLX's linalg runs on the CPU
-        h = hessian.astype(mx.float32)
-        diag = mx.diag(h)
-        diag = mx.where(diag == 0, 1.0, diag)
-        damp = DAMPING * mx.mean(diag)
-        h = h + mx.diag(diag - mx.diag(h) + damp)
-        inverse = mx.linalg.cholesky_inv(mx.linalg.cholesky(h))
-        upper = mx.linalg.cholesky(inverse, upper=True)
-        mx.eval(upper)
-    return upper
+    """The upper Cholesky factor U of the damped Hessian's inverse (H^-1 = U^T U): GPTQ's
+    [I, I] weights for spreading a column's error over the columns after it. An input
+    that is always 0 (its diagonal is 0) gets 1 there: its column's error then has
+    nowhere to go.
+
+    In numpy (LAPACK): MLX's CPU linalg took 37 s for I = 4096 on a 2-core CPU and 76 s
+    on the GPU machine's 16, numpy 3.2 s; the experts' down projection has I = 14336.
+    With J the order reversed, chol(J H J) = L gives U = J L^-1 J, which is upper
+    triangular and U^T U = J (J H J)^-1 J = H^-1: one factorization and one inverse."""
+    h = np.array(hessian.astype(mx.float32), dtype=np.float32)
+    diag = np.diagonal(h).copy()
+    dead = diag == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += DAMPING * np.mean(np.diagonal(h))
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    upper = np.linalg.inv(lower)[::-1, ::-1]
+    return mx.array(np.ascontiguousarray(np.triu(upper)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,10 +5,28 @@ from __future__ import annotations
 
 from typing import Optional
 
+import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from .errors import HermesError
 from .model import Model
+
+
+def check_kv_bits(kv_bits: Optional[int], on_cuda: Optional[bool] = None) -> None:
+    """Refuse a quantized KV cache this machine cannot run. MLX's CUDA build (0.32.4)
+    computes its attention wrongly: the batched `quantized_matmul` of the scores is
+    ~1.4x the scores off at the 8x7B's shapes and missing at head dim 32
+    (benchmarks/mlx_cuda_bugs.md, report 4). Metal and the CPU are right."""
+    if kv_bits is None:
+        return
+    if kv_bits not in (4, 8):
+        raise HermesError(f"kv_bits must be 4 or 8, got {kv_bits}")
+    if on_cuda is None:
+        on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    if on_cuda:
+        raise HermesError("--kv-bits does not run on CUDA: MLX's CUDA build computes the "
+                          "quantized KV cache's attention wrongly (benchmarks/mlx_cuda_bugs.md); "
+                          "leave it out there (Macs are not affected)")
 
 
 def make_cache(model: Model, kv_bits: Optional[int] = None) -> list:
@@ -17,8 +35,7 @@ def make_cache(model: Model, kv_bits: Optional[int] = None) -> list:
     layers = len(model.layers)
     if kv_bits is None:
         return [KVCache() for _ in range(layers)]
-    if kv_bits not in (4, 8):
-        raise HermesError(f"kv_bits must be 4 or 8, got {kv_bits}")
+    check_kv_bits(kv_bits)
     head_dim = model.args.dims_per_head
     group_size = next((g for g in (64, 32) if head_dim % g == 0), None)
     if group_size is None:

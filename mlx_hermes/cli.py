@@ -108,10 +108,12 @@ _PORTABLE_HELP = ("run MLX's own ops only, as a Mac does: none of this machine's
 
 def _load(model: str, tokens: int, kv_bits: Optional[int], portable: bool = False):
     from . import distributed
+    from .cache import check_kv_bits
     from .loader import load, resolve_model_path
     from .memory import check_fits
     from .specialize import FastPaths
 
+    check_kv_bits(kv_bits)  # before minutes of loading
     paths = FastPaths.none() if portable else FastPaths()
     path = resolve_model_path(model)
     if not _launched():

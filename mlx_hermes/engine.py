@@ -31,7 +31,7 @@ from typing import Callable, Optional, Union
 from mlx_lm.models.cache import LRUPromptCache
 
 from .batching import DEFAULT_MAX_BATCH, Batcher, Request
-from .cache import make_cache, trim_to
+from .cache import check_kv_bits, make_cache, trim_to
 from .errors import HermesError, first_line
 from .generate import Chunk, check_context, stream_generate
 from .memory import kv_budget
@@ -103,6 +103,7 @@ class Engine:
                  max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 32,
                  cache_bytes: int = 2 << 30, kv_bits: Optional[int] = None,
                  kv_budget_bytes: Optional[int] = None):
+        check_kv_bits(kv_bits)
         if kv_bits is not None and max_batch > 1:
             raise HermesError("--kv-bits runs one request at a time (mlx-lm's quantized KV "
                               "cache cannot join a batch): add --max-batch 1, or drop --kv-bits")

@@ -189,8 +189,8 @@ def test_repetition_penalty_discourages_repeats(loaded):
 
 
 @pytest.mark.skipif(mx.cuda.is_available() and mx.default_device() == mx.gpu,
-                    reason="MLX's CUDA build has no quantized_matmul for this shape: float32 "
-                    "activations, 8-bit, group 32 (benchmarks/mlx_cuda_bugs.md)")
+                    reason="refused on CUDA (cache.check_kv_bits): MLX's CUDA build gets the "
+                    "quantized KV cache's attention wrong or lacks it (benchmarks/mlx_cuda_bugs.md)")
 def test_quantized_kv_cache_follows_the_float_one(loaded):
     model, tokenizer = loaded("mqa")  # head dim 32
     from mlx_hermes.cache import make_cache
