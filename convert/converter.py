@@ -90,13 +90,20 @@ def convert(
         writer = ShardWriter(tmp, split_into_shards(specs))
         total = sum(_source_bytes(source, s) for item in items for s in item.sources)
         done = 0
+        report = _monotonic(progress, total)
+        layer_bytes: dict[str, int] = {}
+        for item in items:
+            layer_bytes[_layer_of(item)] = layer_bytes.get(_layer_of(item), 0) + sum(
+                _source_bytes(source, s) for s in item.sources)
         try:
             for item in items:
+                if rounding is not None:  # a layer's GPTQ runs at its first item: minutes
+                    rounding.progress = (lambda part, start=done, size=layer_bytes[_layer_of(item)]:
+                                         report(start + int(part * size)))
                 for name, array in convert_item(source, item, out_dtype, rounding):
                     writer.write(name, array)
                 done += sum(_source_bytes(source, s) for s in item.sources)
-                if progress:
-                    progress(done, total)
+                report(done)
         finally:
             writer.close()
         (tmp / "model.safetensors.index.json").write_text(json.dumps(writer.index(), indent=2))
@@ -112,6 +119,25 @@ def convert(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def _layer_of(item: Item) -> str:
+    """`model.layers.N` for a layer's items, else the item's own name."""
+    return ".".join(item.name.split(".")[:3]) if item.name.startswith("model.layers.") \
+        else item.name
+
+
+def _monotonic(progress: Optional[Callable[[int, int], None]],
+               total: int) -> Callable[[int], None]:
+    """progress(done, total), never moving back (GPTQ reports within a layer ahead of
+    the items written)."""
+    shown = [0]
+
+    def report(done: int) -> None:
+        if progress and done > shown[0]:
+            shown[0] = done
+            progress(done, total)
+    return report
 
 
 def _check_apart(src: Path, out: Path) -> None:

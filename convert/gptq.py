@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 CALIBRATION_TOKENS = 32768  # 64 windows of 512
 CONTEXT = 512
 DAMPING = 0.01  # of the Hessian's mean diagonal, added to its diagonal (as GPTQ does)
+ATTENTION_SHARE = 0.05  # of a layer's progress: the 8x7B's attention and router are ~4% of it
 
 
 # ---- one matrix --------------------------------------------------------------------------
@@ -189,6 +190,7 @@ class LayerwiseGPTQ:
         self.hidden = [self.model.model.embed_tokens(mx.array([w])) for w in ids]  # [1, L, D]
         mx.eval(self.hidden)
         self.model.model.embed_tokens = None  # the converter reads its own copy
+        self.progress: Callable[[float], None] = lambda part: None  # share of a layer done
         self.done = -1  # layers quantized so far
         self.results: dict[str, Quantized] = {}
         log.info("GPTQ calibration: %d tokens in %d windows", kept, len(ids))
@@ -251,6 +253,7 @@ class LayerwiseGPTQ:
         self.hidden = [h + attn(x, attention_mask(x, None)) for h, x in zip(self.hidden, normed)]
         del normed
         mx.eval(self.hidden)
+        self.progress(ATTENTION_SHARE)
 
         # the MoE block: the router, then each expert on the tokens routed to it
         shapes = [h.shape for h in self.hidden]
@@ -289,6 +292,8 @@ class LayerwiseGPTQ:
             mx.eval(y)
             for p, v in zip(stacked, (gate, up, down)):
                 stacked[p].append(v)
+            self.progress(ATTENTION_SHARE + (1 - ATTENTION_SHARE) * (e + 1)
+                          / self.args.num_local_experts)
             del hg, hd, act, xe
         if unreached:
             log.warning("GPTQ: no calibration token reached expert(s) %s of layer %d: rounded to "

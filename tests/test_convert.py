@@ -449,3 +449,19 @@ def test_interrupted_gptq_leaves_nothing(wide_checkpoint, calibration_text, tmp_
         mlx_hermes_convert.convert(str(wide_checkpoint), str(out), recipe="fit-24gb",
                                    calibration=calibration_text, calibration_tokens=256)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gptq_progress_moves_within_layers_and_never_back(wide_checkpoint, calibration_text,
+                                                          tmp_path):
+    calls = {"nearest": [], "gptq": []}
+    for name, calibration in (("nearest", None), ("gptq", calibration_text)):
+        mlx_hermes_convert.convert(str(wide_checkpoint), str(tmp_path / name), recipe="fit-24gb",
+                                   calibration=calibration, calibration_tokens=256,
+                                   progress=lambda done, total, c=calls[name]: c.append(
+                                       (done, total)))
+    nearest, learned = calls["nearest"], calls["gptq"]
+    assert learned[-1] == nearest[-1] and learned[-1][0] == learned[-1][1]
+    assert [d for d, _ in learned] == sorted(d for d, _ in learned)
+    # within each layer's GPTQ, each expert reports as it finishes (5 layers, 4 experts)
+    within = {d for d, _ in learned} - {d for d, _ in nearest}
+    assert len(within) >= 5 * 4
