@@ -39,7 +39,7 @@ from mlx_lm.models.activations import swiglu
 
 from mlx_hermes.errors import HermesError
 from mlx_hermes.loader import default_dtype, read_config, read_weights
-from mlx_hermes.model import Model, ModelArgs, attention_mask
+from mlx_hermes.model import Model, ModelArgs, attention_mask, checkpoint_expert_names
 from mlx_hermes.perplexity import read_texts
 from mlx_hermes.tokenizer import Tokenizer
 
@@ -80,8 +80,10 @@ def inverse_cholesky(hessian: mx.array) -> mx.array:
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += DAMPING * np.mean(np.diagonal(h))
     lower = np.linalg.cholesky(h[::-1, ::-1])
-    upper = np.linalg.inv(lower)[::-1, ::-1]
-    return mx.array(np.ascontiguousarray(np.triu(upper)))
+    del h  # the 8x7B's down projection: 0.8 GB each
+    inverse = np.linalg.inv(lower)
+    del lower
+    return mx.array(np.triu(inverse[::-1, ::-1]))  # triu copies: contiguous
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,7 +180,10 @@ class LayerwiseGPTQ:
         config = read_config(src)
         self.args = ModelArgs.from_dict(config)
         self.model = Model(self.args)  # the source's float weights, lazy: read layer by layer
-        weights = self.model.sanitize(read_weights(src))
+        # the checkpoint's own tensors, lazy: each expert is read when it is quantized (the
+        # model's stacked experts are never evaluated), so a layer's experts are not all held
+        self.source = read_weights(src)
+        weights = self.model.sanitize(dict(self.source))
         self.compute = default_dtype(self.args, weights)
         self.model.load_weights([(k, v.astype(self.compute)) for k, v in weights.items()])
         del weights
@@ -267,18 +272,19 @@ class LayerwiseGPTQ:
             moe.gate.weight = self._quantize([name], [moe.gate.weight], router)[0]
         del router
         indices, weights = moe.route(x)  # [T, k] each
-        experts = moe.switch_mlp
         y = mx.zeros(x.shape, dtype=mx.float32)  # the block's output, summed over experts
-        stacked = {p: [] for p in ("gate_proj", "up_proj", "down_proj")}
+        projections = ("gate_proj", "up_proj", "down_proj")
+        sources = {p: checkpoint_expert_names(f"{prefix}.block_sparse_moe", p,
+                                              self.args.num_local_experts) for p in projections}
         routed = np.asarray(indices)
         unreached = []
         for e in range(self.args.num_local_experts):
-            w = {p: getattr(experts, p).weight[e] for p in stacked}
+            w = {p: self.source[sources[p][e]].astype(self.compute) for p in projections}
             tokens, slot = np.nonzero(routed == e)
             if len(tokens) == 0:
                 unreached.append(e)
             xe = x[mx.array(tokens)] if len(tokens) else x[:0]
-            names = [f"{prefix}.block_sparse_moe.switch_mlp.{p}#{e}" for p in stacked]
+            names = [f"{prefix}.block_sparse_moe.switch_mlp.{p}#{e}" for p in projections]
             hg = Hessian()
             hg.add(xe)
             gate, up = self._quantize(names[:2], [w["gate_proj"], w["up_proj"]], _or_eye(hg, x))
@@ -290,17 +296,16 @@ class LayerwiseGPTQ:
                 share = weights[mx.array(tokens), mx.array(slot)][:, None]
                 y = y.at[mx.array(tokens)].add((act @ down.T).astype(mx.float32) * share)
             mx.eval(y)
-            for p, v in zip(stacked, (gate, up, down)):
-                stacked[p].append(v)
             self.progress(ATTENTION_SHARE + (1 - ATTENTION_SHARE) * (e + 1)
                           / self.args.num_local_experts)
-            del hg, hd, act, xe
+            del w, gate, up, down, hg, hd, act, xe
         if unreached:
             log.warning("GPTQ: no calibration token reached expert(s) %s of layer %d: rounded to "
                         "nearest", ", ".join(map(str, unreached)), i)
-        for p, rows in stacked.items():
-            getattr(experts, p).weight = mx.stack(rows)
+        for p in projections:
             self._join(f"{prefix}.block_sparse_moe.switch_mlp.{p}")
+            for name in sources[p]:
+                del self.source[name]
         out, start = [], 0
         for h, shape in zip(self.hidden, shapes):
             n = shape[0] * shape[1]
