@@ -19,9 +19,10 @@ before it produce) and dropped. Within a layer the attention is quantized
 before the MoE block sees its output; each expert gets the Hessian of the
 tokens routed to it, one expert at a time (the 8x7B's down_proj Hessian is
 14336^2 floats, 0.8 GB), and its gate and up projections are quantized before
-its down projection sees their product. Memory: one layer's weights, one
-expert's Hessians and the windows' hidden states (~4 GB for the 8x7B with the
-default 32k calibration tokens, bf16).
+its down projection sees their product. Memory: the windows' hidden states, a
+layer's attention and router, one expert's weights (read from the source's own
+tensors one expert at a time) with its Hessian and inverse factor: ~5 GB for the
+8x7B with the default 32k calibration tokens (estimated from those parts).
 """
 
 from __future__ import annotations
