@@ -234,7 +234,7 @@ class LayerwiseGPTQ:
         return out
 
     def _layer(self, i: int) -> None:
-        start = time.perf_counter()
+        began = time.perf_counter()
         layer = self.model.model.layers[i]
         prefix = f"model.layers.{i}"
         attn, moe = layer.self_attn, layer.block_sparse_moe
@@ -317,7 +317,7 @@ class LayerwiseGPTQ:
         self.model.model.layers[i] = None  # its weights go; the next layer's are read
         mx.clear_cache()
         log.info("GPTQ: layer %d of %d in %.1f s", i + 1, self.args.num_hidden_layers,
-                 time.perf_counter() - start)
+                 time.perf_counter() - began)
 
     def _join(self, name: str) -> None:
         """The experts' results, one per expert, as the converter's stacked item."""
