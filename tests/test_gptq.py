@@ -57,3 +57,29 @@ def test_hessian_sums_over_calls():
     h.add(x[4:][None])  # any leading shape: rows are the inputs
     assert h.rows == 10
     assert np.allclose(np.array(h.sum), np.array(x.T @ x), atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [300, 1537])  # one block; uneven halves over three levels
+def test_the_factorizations_by_halves_equal_lapack(n, monkeypatch):
+    monkeypatch.setattr(gptq, "BLOCK", 256)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((2 * n, n)).astype(np.float32)
+    h = x.T @ x + n * np.eye(n, dtype=np.float32)
+    lower = gptq.cholesky(h)
+    assert np.allclose(lower, np.linalg.cholesky(h), atol=1e-4 * np.abs(lower).max())
+    assert np.array_equal(lower, np.tril(lower))
+    inverse = gptq.inverse_lower(lower)
+    assert np.allclose(inverse @ lower, np.eye(n), atol=1e-4)
+
+
+def test_inverse_factor_is_the_upper_cholesky_of_the_damped_inverse():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((700, 600)).astype(np.float32)
+    h = (x.T @ x).astype(np.float64)
+    h[5, :] = h[:, 5] = 0  # an input that is always 0
+    upper = np.array(gptq.inverse_cholesky(mx.array(h.astype(np.float32))), dtype=np.float64)
+    assert np.array_equal(upper, np.triu(upper))
+    h[5, 5] = 1
+    h[np.diag_indices_from(h)] += gptq.DAMPING * np.mean(np.diagonal(h))
+    want = np.linalg.inv(h)
+    assert np.abs(upper.T @ upper - want).max() < 1e-4 * np.abs(want).max()
