@@ -28,7 +28,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,6 +37,7 @@ from mlx_hermes import profile as prof  # noqa: E402
 from mlx_hermes.cache import make_cache  # noqa: E402
 from mlx_hermes.moe import SparseMoeBlock  # noqa: E402
 from mlx_hermes.specialize import FastPaths  # noqa: E402
+from tests.test_fast_paths import float32_routers  # noqa: E402
 
 
 def build(seed: int):
@@ -45,12 +45,7 @@ def build(seed: int):
     prof.SYNTHETIC["tiny"] = replace(prof.TINY, num_local_experts=8, num_experts_per_tok=2)
     model = prof.synthetic_model("tiny", bits=4, group_size=32, dtype=mx.bfloat16,
                                  fast_paths=FastPaths.none())
-    for layer in model.layers:
-        gate = layer.block_sparse_moe.gate
-        router = nn.Linear(model.args.hidden_size, model.args.num_local_experts, bias=False)
-        router.weight = mx.dequantize(gate.weight, gate.scales, gate.biases, gate.group_size,
-                                      gate.bits).astype(mx.float32)
-        layer.block_sparse_moe.gate = router
+    float32_routers(model)
     return model
 
 

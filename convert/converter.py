@@ -93,8 +93,9 @@ def convert(
         report = _monotonic(progress, total)
         layer_bytes: dict[str, int] = {}
         for item in items:
-            layer_bytes[_layer_of(item)] = layer_bytes.get(_layer_of(item), 0) + sum(
-                _source_bytes(source, s) for s in item.sources)
+            layer = _layer_of(item)
+            layer_bytes[layer] = layer_bytes.get(layer, 0) + sum(_source_bytes(source, s)
+                                                                 for s in item.sources)
         try:
             for item in items:
                 if rounding is not None:  # a layer's GPTQ runs at its first item: minutes
@@ -185,21 +186,18 @@ def convert_item(source: Source, item: Item, dtype: mx.Dtype,
     nearest, or by `rounding` where it covers the item."""
     if rounding is not None and rounding.covers(item):
         q, scales, biases = rounding.quantized(item)
-        yield f"{item.name}.weight", q
-        yield f"{item.name}.scales", scales
-        yield f"{item.name}.biases", biases
-        return
-    if len(item.sources) > 1:  # experts: stack one projection of every expert
-        w = mx.stack([source.read(n).astype(dtype) for n in item.sources])
     else:
-        w = source.read(item.sources[0]).astype(dtype)
-    if item.bits is None:
-        mx.eval(w)
-        yield item.name, w
-        return
-    q, scales, biases = mx.quantize(w, group_size=item.group_size, bits=item.bits)
-    del w
-    mx.eval(q, scales, biases)
+        if len(item.sources) > 1:  # experts: stack one projection of every expert
+            w = mx.stack([source.read(n).astype(dtype) for n in item.sources])
+        else:
+            w = source.read(item.sources[0]).astype(dtype)
+        if item.bits is None:
+            mx.eval(w)
+            yield item.name, w
+            return
+        q, scales, biases = mx.quantize(w, group_size=item.group_size, bits=item.bits)
+        del w
+        mx.eval(q, scales, biases)
     yield f"{item.name}.weight", q
     yield f"{item.name}.scales", scales
     yield f"{item.name}.biases", biases

@@ -41,7 +41,7 @@ from mlx_lm.models.activations import swiglu
 from mlx_hermes.errors import HermesError
 from mlx_hermes.loader import default_dtype, read_config, read_weights
 from mlx_hermes.model import Model, ModelArgs, attention_mask, checkpoint_expert_names
-from mlx_hermes.perplexity import read_texts
+from mlx_hermes.perplexity import read_texts, windows
 from mlx_hermes.tokenizer import Tokenizer
 
 from .plan import Item
@@ -225,7 +225,7 @@ class LayerwiseGPTQ:
         self.dtype = dtype
         self.widths = {item.name: (item.bits, item.group_size) for item in items
                        if item.bits is not None and item.kind != "embeddings"}
-        ids = _calibration_windows(Tokenizer.from_path(src), texts, tokens, context)
+        ids = windows(Tokenizer.from_path(src), texts, context, max_tokens=tokens)
         self.tokens = kept = sum(map(len, ids))
         self.hidden = [self.model.model.embed_tokens(mx.array([w])) for w in ids]  # [1, L, D]
         mx.eval(self.hidden)
@@ -262,7 +262,7 @@ class LayerwiseGPTQ:
         for name, w in zip(names, module_weights):
             bits, group_size = self.widths[name.rsplit("#", 1)[0]]
             q, s, b = gptq(w, hinv, bits, group_size, self.dtype)
-            self.results.setdefault(name, (q, s, b))
+            self.results[name] = (q, s, b)
             out.append(mx.dequantize(q, s, b, group_size=group_size, bits=bits)
                        .astype(self.compute))
         return out
@@ -366,23 +366,6 @@ class LayerwiseGPTQ:
             hessian.add(self.model.model.norm(h))
         self._quantize(["lm_head"], [self.model.lm_head.weight], hessian)
         self.hidden = []
-
-
-def _calibration_windows(tokenizer: Tokenizer, texts: list[str], tokens: int,
-                        context: int) -> list[list[int]]:
-    """The first `tokens` tokens of the texts in windows of `context`, as perplexity
-    cuts them; only as much text is tokenized as that needs (a token is rarely more
-    than 16 characters), not a whole corpus."""
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer.encode(text[: 16 * (tokens - len(ids))])
-        if len(ids) >= tokens:
-            break
-    ids = ids[:tokens]
-    out = [w for w in (ids[a : a + context] for a in range(0, len(ids), context)) if len(w) > 1]
-    if not out:
-        raise HermesError("the calibration text is too short: it needs at least 2 tokens")
-    return out
 
 
 def _or_eye(hessian: Hessian, x: mx.array) -> Hessian:

@@ -87,8 +87,19 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-def windows(tokenizer: Tokenizer, texts: list[str], context: int) -> list[list[int]]:
-    ids = [i for text in texts for i in tokenizer.encode(text)]
+def windows(tokenizer: Tokenizer, texts: list[str], context: int,
+            max_tokens: Optional[int] = None) -> list[list[int]]:
+    """The texts' tokens (one BOS per document) in windows of `context`; with
+    `max_tokens`, only the first that many, tokenizing no more text than that needs
+    (a token is rarely more than 16 characters), not a whole corpus."""
+    ids: list[int] = []
+    for text in texts:
+        if max_tokens is not None:
+            if len(ids) >= max_tokens:
+                break
+            text = text[: 16 * (max_tokens - len(ids))]
+        ids += tokenizer.encode(text)
+    ids = ids[:max_tokens]
     out = [ids[a : a + context] for a in range(0, len(ids), context)]
     out = [w for w in out if len(w) > 1]
     if not out:

@@ -111,6 +111,18 @@ def test_cpu_streams_give_identical_logits(hf_checkpoint, mlx_lm_quantized, bits
         assert np.array_equal(plain, split)
 
 
+def float32_routers(model) -> None:
+    """Each 4-bit router as a float32 Linear of its dequantized weights: bf16 logits
+    often tie exactly (8 bits of mantissa), and a tie at the k-th place may go either
+    way in either path (benchmarks/kernel_seeds.py uses it too)."""
+    for layer in model.layers:
+        gate = layer.block_sparse_moe.gate
+        router = nn.Linear(model.args.hidden_size, model.args.num_local_experts, bias=False)
+        router.weight = mx.dequantize(gate.weight, gate.scales, gate.biases, gate.group_size,
+                                      gate.bits).astype(mx.float32)
+        layer.block_sparse_moe.gate = router
+
+
 @pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
                     reason="a CUDA kernel: runs on the GPU machine")
 @pytest.mark.parametrize("rows,experts,k", [((2, 2), 8, 2), ((4, 1), 5, 3), ((8, 4), 4, 1)])
@@ -138,14 +150,7 @@ def test_cuda_decode_kernel_equals_gather_qmm(monkeypatch, rows, experts, k):
                                                          num_experts_per_tok=k))
     model = prof.synthetic_model("tiny", bits=4, group_size=32, dtype=mx.bfloat16,
                                  fast_paths=FastPaths.none())
-    for layer in model.layers:
-        # A float32 router: bf16 logits often tie exactly (8 bits of mantissa), and
-        # a tie at the k-th place may go either way in either path.
-        gate = layer.block_sparse_moe.gate
-        router = nn.Linear(model.args.hidden_size, model.args.num_local_experts, bias=False)
-        router.weight = mx.dequantize(gate.weight, gate.scales, gate.biases, gate.group_size,
-                                      gate.bits).astype(mx.float32)
-        layer.block_sparse_moe.gate = router
+    float32_routers(model)
     assert all(cuda_qmv.applies(layer.block_sparse_moe, mx.bfloat16) for layer in model.layers)
     inputs = []
 
