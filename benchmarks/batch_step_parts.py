@@ -6,9 +6,12 @@ against one row, 8x7B shapes, random 4-bit weights, this machine's fast paths.
 Times (ms per call; each 4-bit linear layer also through MLX's
 quantized_matmul and through cuda_grouped.linear, with the kernel's error; `--trials` calls queued before one eval, best of 3, so
 host work hides behind the device): one layer's attention projections and
-attention over a left-padded batch cache, its MoE block, the LM head; then
+attention over a left-padded batch cache, its MoE block, the LM head; the
+attention in pieces (norm, RoPE, mask, SDPA with and without a mask, the
+module, a whole decoder layer); then
 a whole model step for N rows evaluated each step, as a decode loop runs
-it. The whole step against the sum of its parts shows the host's share.
+it, and the host's time to build that step's graph. The whole step against
+the sum of its parts shows the host's share.
 Prints a table and JSON.
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,6 +34,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlx_hermes import cuda_grouped  # noqa: E402
 from grouped_kernel import timed  # noqa: E402
 from mlx_hermes import profile as prof  # noqa: E402
+
+
+def attention_parts(model, x: mx.array, cache: list, trials: int) -> dict:
+    """One layer's attention in pieces, for rows of `x` [N, 1, D] over `cache`
+    (each timed call is undone with trim(1), so the context stays put)."""
+    layer = model.layers[0]
+    att, c = layer.self_attn, cache[0]
+    n = x.shape[0]
+    mask = create_attention_mask(x, c)
+    q = mx.random.normal((n, att.n_heads, 1, att.head_dim)).astype(x.dtype)
+    # the mask covers the cache and the new token
+    kv_shape = (n, att.n_kv_heads, c.offset.max().item() + 1, att.head_dim)
+    k, v = (mx.random.normal(kv_shape).astype(x.dtype) for _ in range(2))
+    mx.eval(q, k, v, mask if isinstance(mask, mx.array) else q)
+    additive = None
+    if isinstance(mask, mx.array):
+        additive = mx.where(mask, mx.array(0, x.dtype), mx.array(-mx.inf, x.dtype))
+        mx.eval(additive)
+
+    def sdpa(m):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=att.scale, mask=m)
+
+    def undo(out):
+        c.trim(1)  # only layer 0's cache was written
+        return out
+
+    part = {
+        "rms_norm": timed(lambda: layer.input_layernorm(x), trials),
+        "rope_int_offset": timed(lambda: att.rope(q, offset=int(k.shape[2])), trials),
+        "rope_cache_offset": timed(lambda: att.rope(q, offset=c.offset), trials),
+        "mask_build": timed(lambda: create_attention_mask(x, c), trials)
+        if isinstance(mask, mx.array) else 0.0,
+        "sdpa_no_mask": timed(lambda: sdpa(None), trials),
+        "sdpa_bool_mask": timed(lambda: sdpa(mask), trials) if additive is not None else 0.0,
+        "sdpa_additive_mask": timed(lambda: sdpa(additive), trials)
+        if additive is not None else 0.0,
+        "attention_module": timed(lambda: undo(att(layer.input_layernorm(x), mask, c)), trials),
+        "decoder_layer": timed(lambda: undo(layer(x, mask, c)), trials),
+    }
+    return part
 
 
 def main() -> None:
@@ -63,15 +107,19 @@ def main() -> None:
                 got = cuda_grouped.linear(x, lin).astype(mx.float32)
                 part[f"{name}_kernel_rel_error"] = (mx.abs(got - ref).max()
                                                     / mx.abs(ref).max()).item()
-        steps = []
+        part.update(attention_parts(model, x, cache, a.trials))
+        steps, builds = [], []
         tok = mx.random.randint(0, 32000, (n, 1))
         for _ in range(a.trials):
             start = time.perf_counter()
             logits = model(tok, cache=cache)
             tok = mx.argmax(logits[:, -1:], axis=-1)
+            built = time.perf_counter()
             mx.eval(tok)
             steps.append((time.perf_counter() - start) * 1e3)
+            builds.append((built - start) * 1e3)
         part["model_step_evaluated"] = sorted(steps)[len(steps) // 2]
+        part["model_step_host_build"] = sorted(builds)[len(builds) // 2]
         part["parts_sum"] = L * (part["qkv_proj"] + part["o_proj"] + part["moe_block"]) + \
             part["lm_head"]
         rows[n] = part

@@ -21,6 +21,7 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from mlx_lm.models.switch_layers import SwitchLinear  # noqa: E402
 
 
 def quantized_matmul(K: int, group: int, rows: int, bits: int, dtype, rng, N: int = 64,
@@ -82,20 +83,36 @@ def sorted_gather_mm(D: int, F: int, E: int, tokens: int, dtype, rng) -> dict:
                     np.array(wd.astype(mx.float32), dtype=np.float64)[idx])
     case = {"op": "gather_mm sorted", "D": D, "F": F, "experts": E, "tokens": tokens,
             "dtype": str(dtype).split(".")[-1]}
-    try:
-        out = mx.gather_mm(xd[:, None, :], wd.swapaxes(-1, -2), rhs_indices=mx.array(idx),
-                           sorted_indices=True)
+
+    def error(sorted_indices: bool, layer: bool = False, on_device: bool = False) -> float:
+        rhs = mx.array(idx)
+        if on_device:  # the indices sorted by MLX, as the model sorts them
+            rhs = mx.sort(mx.array(rng.permutation(idx)))
+        if layer:  # the model's own call: mlx-lm's SwitchLinear on [P, 1, D] rows
+            lin = SwitchLinear(D, F, E, bias=False)
+            lin.weight = wd
+            out = lin(xd[:, None, :], rhs, sorted_indices=sorted_indices)
+        else:
+            out = mx.gather_mm(xd[:, None, :], wd.swapaxes(-1, -2), rhs_indices=rhs,
+                               sorted_indices=sorted_indices)
         out = np.array(out.astype(mx.float32), dtype=np.float64).reshape(tokens, F)
+        err = float(np.abs(out - ref).max() / np.abs(ref).max())
+        return err if err == err else float("inf")
+
+    try:
+        # the unsorted call and the model's layer beside it: which of them part from numpy?
+        return {**case, "rel_error": error(True), "unsorted_rel_error": error(False),
+                "switch_linear_sorted_rel_error": error(True, layer=True),
+                "device_sorted_rel_error": error(True, on_device=True)}
     except Exception as e:  # noqa: BLE001 - a missing kernel is the finding
         return {**case, "error": str(e)[:200]}
-    err = float(np.abs(out - ref).max() / np.abs(ref).max())
-    return {**case, "rel_error": err if err == err else float("inf")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--kv-only", action="store_true", help="only the quantized KV cache's cases")
+    ap.add_argument("--gather-only", action="store_true", help="only report 3's cases")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"MLX {mx.__version__}, device {mx.default_device()}, "
@@ -114,24 +131,24 @@ def main() -> None:
     # batched, as mlx-lm's quantized attention calls it: the tiny test model (4 heads over
     # 2, head dim 32) and the real one (32 over 8, head dim 128), a 10-token prompt and a
     # decode step, mlx-lm's default --kv-group-size 64 (32 where the head dim is 32)
-    for heads, kv_heads, D in ((4, 2, 32), (32, 8, 128)):
+    for heads, kv_heads, D in ((4, 2, 32), (32, 8, 128)) if not a.gather_only else ():
         for L, S in ((10, 10), (1, 11)):
             for bits in (4, 8):
                 run(kv_attention_scores(heads, kv_heads, L, S, D, bits, min(64, D), rng))
     if a.kv_only:
         print(json.dumps({"mlx": mx.__version__, "cases": cases}))
         return
-    for K, group in ((64, 64), (128, 128), (64, 32), (128, 64)):
+    for K, group in ((64, 64), (128, 128), (64, 32), (128, 64)) if not a.gather_only else ():
         for rows in (1, 5):
             for dtype in (mx.float32, mx.bfloat16):
                 run(quantized_matmul(K, group, rows, 4, dtype, rng))
     # the quantized KV cache's attention: 8-bit keys of head dim 32 in groups of 32
-    for rows in (1, 11):
+    for rows in (1, 11) if not a.gather_only else ():
         run(quantized_matmul(32, 32, rows, 8, mx.float32, rng))
         run(quantized_matmul(64, 32, rows, 8, mx.float32, rng))
     # the same in bf16 (the GPU's dtype), at a tiny head dim (32) and the real one (128):
     # keys (transpose) and values, 4 and 8 bits, mlx-lm's KV groups of 64 and 32
-    for K in (32, 128):
+    for K in (32, 128) if not a.gather_only else ():
         for bits in (4, 8):
             for group in (32, 64):
                 for transpose in (True, False):

@@ -33,7 +33,9 @@ LM head): MLX's `quantized_matmul` on CUDA also reads the weights once per
 row (one layer's q/k/v for 32 rows: 0.36 ms against 0.023 for one row;
 the LM head 2.44 ms against 0.081; here 0.048 and 0.14 ms,
 benchmarks/batch_step_parts.py), so `KernelQuantizedLinear` runs `linear`,
-every row tile of the layer over all the step's tokens.
+every row tile of the layer over all the step's tokens, for a few rows; from
+GEMM_MIN_ROWS rows MLX's own GEMM, given the rows as one 2-D matrix, is
+faster still.
 
 `cuda_qmv.KernelMoeBlock` (installed at load by `specialize`, CUDA only)
 calls `moe` for steps of 2 to MAX_TOKENS tokens, and `specialize` installs
@@ -134,52 +136,81 @@ __device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, uns
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// The products of one 128-input step for every tile of tokens. Rows ra, rb
-// (this thread's g and g+8) of w; xrow[j]: this thread's token row of x in
-// tile j (-1: none). Thread t takes inputs 32u .. 32u+31, u = 4 step + t.
-template <int K, int GS, int TILES>
-__device__ __forceinline__ void grouped_step(
+// One 128-input step's weights for this thread: its 32 codes (word u) of rows ra and rb
+// (its g and g+8) and their groups' scale and bias; zeros past the row's end.
+struct StepWeights {
+    uint4 qa, qb;
+    __nv_bfloat162 sa, ba, sb, bb;
+};
+
+template <int K, int GS>
+__device__ __forceinline__ StepWeights load_step(
         const uint32_t* w, const __nv_bfloat16* scales, const __nv_bfloat16* biases,
-        const __nv_bfloat16* x, long ra, long rb, const long* xrow, int tiles, int u,
-        float (*acc)[4]) {
+        long ra, long rb, int u) {
     constexpr int KU4 = K / 32;
     constexpr int G = K / GS;
-    unsigned int a[16], b[16];
+    StepWeights r;
     if (u < KU4) {
-        const uint4 qa = reinterpret_cast<const uint4*>(w)[ra * KU4 + u];
-        const uint4 qb = reinterpret_cast<const uint4*>(w)[rb * KU4 + u];
+        r.qa = reinterpret_cast<const uint4*>(w)[ra * KU4 + u];
+        r.qb = reinterpret_cast<const uint4*>(w)[rb * KU4 + u];
         const int gi = (u * 32) / GS;
-        const __nv_bfloat162 sa = __bfloat162bfloat162(scales[ra * G + gi]);
-        const __nv_bfloat162 ba = __bfloat162bfloat162(biases[ra * G + gi]);
-        const __nv_bfloat162 sb = __bfloat162bfloat162(scales[rb * G + gi]);
-        const __nv_bfloat162 bb = __bfloat162bfloat162(biases[rb * G + gi]);
-        dequant8(qa.x, sa, ba, a); dequant8(qa.y, sa, ba, a + 4);
-        dequant8(qa.z, sa, ba, a + 8); dequant8(qa.w, sa, ba, a + 12);
-        dequant8(qb.x, sb, bb, b); dequant8(qb.y, sb, bb, b + 4);
-        dequant8(qb.z, sb, bb, b + 8); dequant8(qb.w, sb, bb, b + 12);
+        r.sa = __bfloat162bfloat162(scales[ra * G + gi]);
+        r.ba = __bfloat162bfloat162(biases[ra * G + gi]);
+        r.sb = __bfloat162bfloat162(scales[rb * G + gi]);
+        r.bb = __bfloat162bfloat162(biases[rb * G + gi]);
     } else {
-        #pragma unroll
-        for (int i = 0; i < 16; i++) a[i] = b[i] = 0u;
+        r.qa = r.qb = make_uint4(0u, 0u, 0u, 0u);
+        r.sa = r.ba = r.sb = r.bb = __floats2bfloat162_rn(0.f, 0.f);  // dequantizes to 0
     }
+    return r;
+}
+
+__device__ __forceinline__ unsigned int word(uint4 v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// acc[j] += this step's products for every tile j of tokens; xrow[j]: this thread's
+// token row of x in tile j (-1: none). A word (8 codes) of each row at a time, each met by
+// 16 bytes of every tile's activations in two mmas: few registers live at once.
+template <int K, int TILES>
+__device__ __forceinline__ void step_products(const StepWeights& r, const __nv_bfloat16* x,
+                                              const long* xrow, int tiles, int u,
+                                              float (*acc)[4]) {
+    constexpr int KU4 = K / 32;
     #pragma unroll
-    for (int j = 0; j < TILES; j++) {
-        if (j < tiles) {  // the same for the whole warp, as mma.sync needs
-            unsigned int xp[16];
-            if (xrow[j] >= 0 && u < KU4) {
-                const uint4* xr = reinterpret_cast<const uint4*>(x + xrow[j] * K) + u * 4;
-                pair8(xr[0], xp); pair8(xr[1], xp + 4); pair8(xr[2], xp + 8); pair8(xr[3], xp + 12);
-            } else {
-                #pragma unroll
-                for (int i = 0; i < 16; i++) xp[i] = 0u;
-            }
-            #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                mma16816(acc[j], a[2 * i], b[2 * i], a[2 * i + 1], b[2 * i + 1], xp[2 * i],
-                         xp[2 * i + 1]);
+    for (int i = 0; i < 4; i++) {
+        unsigned int a[4], b[4];
+        dequant8(word(r.qa, i), r.sa, r.ba, a);
+        dequant8(word(r.qb, i), r.sb, r.bb, b);
+        #pragma unroll
+        for (int j = 0; j < TILES; j++) {
+            if (j < tiles) {  // the same for the whole warp, as mma.sync needs
+                unsigned int xp[4] = {0u, 0u, 0u, 0u};
+                if (xrow[j] >= 0 && u < KU4) {
+                    pair8(reinterpret_cast<const uint4*>(x + xrow[j] * K)[u * 4 + i], xp);
+                }
+                mma16816(acc[j], a[0], b[0], a[1], b[1], xp[0], xp[1]);
+                mma16816(acc[j], a[2], b[2], a[3], b[3], xp[2], xp[3]);
             }
         }
     }
 }
+
+// Every step of 128 inputs of rows ra, rb against every tile of tokens. Thread t takes
+// inputs 32u .. 32u+31, u = 4 step + t. (Loading the next step's weights before this
+// step's products, or splitting the inputs over more warps, did not pay on an H200:
+// benchmarks/RESULTS.md.)
+template <int K, int GS, int TILES>
+__device__ __forceinline__ void grouped_steps(
+        const uint32_t* w, const __nv_bfloat16* scales, const __nv_bfloat16* biases,
+        const __nv_bfloat16* x, long ra, long rb, const long* xrow, int tiles, int t,
+        float (*acc)[4]) {
+    for (int s = 0; s < (K / 32 + 3) / 4; s++) {
+        step_products<K, TILES>(load_step<K, GS>(w, scales, biases, ra, rb, 4 * s + t), x, xrow,
+                                tiles, 4 * s + t, acc);
+    }
+}
+
 """
 
 # The number of tokens is read from the logits' shape at run time, so a
@@ -193,7 +224,6 @@ TOKENS = r"""
 
 # x [NT, K], w [E, 2F, K/8] (gate rows, then up rows), logits [NT, E] -> h [NT*KC, F]
 GATE_UP = TOKENS + r"""
-    constexpr int STEPS = (K / 32 + 3) / 4;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int wid = int((long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
     if (wid >= E * (F / 8)) return;
@@ -209,9 +239,7 @@ GATE_UP = TOKENS + r"""
     float acc[TILES][4];
     #pragma unroll
     for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    for (int s = 0; s < STEPS; s++) {
-        grouped_step<K, GS, TILES>(w, scales, biases, x, gate, gate + F, xrow, tiles, 4 * s + t, acc);
-    }
+    grouped_steps<K, GS, TILES>(w, scales, biases, x, gate, gate + F, xrow, tiles, t, acc);
     #pragma unroll
     for (int j = 0; j < TILES; j++) {
         #pragma unroll
@@ -229,7 +257,6 @@ GATE_UP = TOKENS + r"""
 
 # h [NT*KC, K], w [E, D, K/8], logits [NT, E] -> y [NT, D] float32, zeroed, summed into
 DOWN = TOKENS + r"""
-    constexpr int STEPS = (K / 32 + 3) / 4;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int wid = int((long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
     if (wid >= E * (D / 16)) return;
@@ -249,9 +276,7 @@ DOWN = TOKENS + r"""
     float acc[TILES][4];
     #pragma unroll
     for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    for (int s = 0; s < STEPS; s++) {
-        grouped_step<K, GS, TILES>(w, scales, biases, h, row, row + 8, xrow, tiles, 4 * s + t, acc);
-    }
+    grouped_steps<K, GS, TILES>(w, scales, biases, h, row, row + 8, xrow, tiles, t, acc);
     #pragma unroll
     for (int j = 0; j < TILES; j++) {
         #pragma unroll
@@ -282,10 +307,8 @@ LINEAR = r"""
     float acc[TILES][4];
     #pragma unroll
     for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    for (int s = 0; s < (K / 32 + 3) / 4; s++) {
-        grouped_step<K, GS, TILES>(w, scales, biases, x, min(n0 + g, N - 1), min(n0 + g + 8, N - 1),
-                                   xrow, tiles, 4 * s + t, acc);
-    }
+    grouped_steps<K, GS, TILES>(w, scales, biases, x, min(n0 + g, N - 1), min(n0 + g + 8, N - 1),
+                                xrow, tiles, t, acc);
     #pragma unroll
     for (int j = 0; j < TILES; j++) {
         #pragma unroll
@@ -320,28 +343,41 @@ def tiles_for(tokens: int) -> int:
     return 1 << (tiles - 1).bit_length()
 
 
+def gate_up(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
+    """silu(gate(x)) * up(x) of each token's k experts: x [T, D] -> h [T*k, F]."""
+    layer = experts.gate_up_proj
+    T, D = x.shape
+    E, F = layer.weight.shape[0], layer.weight.shape[-2] // 2
+    return _kernel("hermes_grouped_gate_up", ["x", "w", "scales", "biases", "logits"], "h",
+                   GATE_UP)(
+        inputs=[x, layer.weight, layer.scales, layer.biases, logits],
+        template=[("F", F), ("K", D), ("GS", layer.group_size), ("TILES", tiles_for(T)),
+                  ("KC", k), ("E", E)],
+        grid=(E * (F // 8) * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+        output_shapes=[(T * k, F)], output_dtypes=[mx.bfloat16])[0]
+
+
+def down(h: mx.array, experts, logits: mx.array, k: int) -> mx.array:
+    """Each token's experts' down projections, weighted by the router and
+    summed: h [T*k, F] -> [T, D] float32."""
+    layer = experts.down_proj
+    F, T = h.shape[-1], h.shape[0] // k
+    E, D = layer.weight.shape[0], layer.weight.shape[-2]
+    return _kernel("hermes_grouped_down", ["h", "w", "scales", "biases", "logits"], "y", DOWN)(
+        inputs=[h, layer.weight, layer.scales, layer.biases, logits],
+        template=[("D", D), ("K", F), ("GS", layer.group_size), ("TILES", tiles_for(T)),
+                  ("KC", k), ("E", E)],
+        grid=(E * (D // 16) * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+        output_shapes=[(T, D)], output_dtypes=[mx.float32], init_value=0)[0]
+
+
 def moe(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
     """The MoE block's output for 2..MAX_TOKENS tokens and the router's
     `logits` [..., E]: x [..., D] -> [..., D] (see cuda_qmv.moe)."""
-    D = x.shape[-1]
-    T = x.size // D
-    gate_up, down = experts.gate_up_proj, experts.down_proj
-    E, F = gate_up.weight.shape[0], gate_up.weight.shape[-2] // 2
-    tiles = tiles_for(T)
-    h = _kernel("hermes_grouped_gate_up", ["x", "w", "scales", "biases", "logits"], "h",
-                GATE_UP)(
-        inputs=[x, gate_up.weight, gate_up.scales, gate_up.biases, logits],
-        template=[("F", F), ("K", D), ("GS", gate_up.group_size), ("TILES", tiles), ("KC", k),
-                  ("E", E)],
-        grid=(E * (F // 8) * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
-        output_shapes=[(T * k, F)], output_dtypes=[mx.bfloat16])[0]
-    y = _kernel("hermes_grouped_down", ["h", "w", "scales", "biases", "logits"], "y", DOWN)(
-        inputs=[h, down.weight, down.scales, down.biases, logits],
-        template=[("D", D), ("K", F), ("GS", down.group_size), ("TILES", tiles), ("KC", k),
-                  ("E", E)],
-        grid=(E * (D // 16) * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
-        output_shapes=[x.shape], output_dtypes=[mx.float32], init_value=0)[0]
-    return y.astype(x.dtype)
+    flat = x.reshape(-1, x.shape[-1])  # [T, D]
+    logits = logits.reshape(flat.shape[0], -1)  # [T, E]
+    y = down(gate_up(flat, experts, logits, k), experts, logits, k)
+    return y.astype(x.dtype).reshape(x.shape)
 
 
 def linear(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
@@ -370,14 +406,33 @@ def linear_applies(layer: nn.Module, dtype: mx.Dtype) -> bool:
 # for attention's projections (q/k/v 0.023 against 0.036 ms, o 0.018 against
 # 0.035; benchmarks/batch_step_parts.py), the LM head aside (0.081 vs 0.068).
 LINEAR_MIN_ROWS = 2
+# From this many rows MLX's CUDA quantized_matmul runs one GEMM, reading the
+# weights once, but only for a 2-D x [M, K]: a batched decode step's x
+# [B, 1, K] runs one product per sequence (32 rows of q/k/v on an H200: 0.362
+# ms as [32, 1, K], 0.029 as [32, K], 0.038 through `linear`;
+# benchmarks/grouped_variants.py). So such steps run flattened.
+GEMM_MIN_ROWS = 8
 
 
-class KernelQuantizedLinear(nn.QuantizedLinear):
-    """A 4-bit linear layer whose steps of LINEAR_MIN_ROWS to MAX_TOKENS rows
-    run `linear` (weights read once for all rows); others run MLX's
-    quantized_matmul."""
+class FlatQuantizedLinear(nn.QuantizedLinear):
+    """A quantized linear layer on CUDA (any bits) whose steps of
+    GEMM_MIN_ROWS rows or more run MLX's quantized_matmul on x flattened to
+    2-D [rows, K]: one GEMM, not one product per sequence."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if LINEAR_MIN_ROWS <= x.size // x.shape[-1] <= MAX_TOKENS:
+        K = x.shape[-1]
+        rows = x.size // K
+        if rows >= GEMM_MIN_ROWS and x.ndim > 2:
+            return super().__call__(x.reshape(rows, K)).reshape(*x.shape[:-1], -1)
+        return super().__call__(x)
+
+
+class KernelQuantizedLinear(FlatQuantizedLinear):
+    """A 4-bit linear layer on CUDA (linear_applies) whose steps of
+    LINEAR_MIN_ROWS up to GEMM_MIN_ROWS rows run `linear` (weights read once
+    for all rows); others as FlatQuantizedLinear."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if LINEAR_MIN_ROWS <= x.size // x.shape[-1] < GEMM_MIN_ROWS:
             return linear(x, self)
         return super().__call__(x)

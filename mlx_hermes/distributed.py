@@ -13,6 +13,8 @@ started plainly, the group has one member and nothing here does anything.
 
 from __future__ import annotations
 
+import faulthandler
+import logging
 import os
 import signal
 import sys
@@ -29,6 +31,8 @@ from .errors import HermesError
 from .model import Model, ModelArgs
 from .moe import SparseMoeBlock
 from .specialize import FastPaths, install
+
+log = logging.getLogger(__name__)
 
 
 def world() -> Optional[mx.distributed.Group]:
@@ -208,6 +212,8 @@ class Watchdog:
     the main thread is blocked inside a collective (the signal is read by a
     thread of ours from Python's wakeup pipe). A rank that hangs instead is
     caught by a timeout: the main loop calls `beat()` as it makes progress.
+    At `--log-level debug` a rank that times out first prints every thread's
+    stack, to show where it waited.
     """
 
     def __init__(self, group: mx.distributed.Group, timeout: float):
@@ -258,6 +264,8 @@ class Watchdog:
         while True:
             time.sleep(min(1.0, self.timeout / 4))
             if not self.paused and time.monotonic() - self.last > self.timeout:
+                if log.isEnabledFor(logging.DEBUG):  # where it is stuck, for a bug report
+                    faulthandler.dump_traceback(sys.stderr, all_threads=True)
                 self.fail(f"no progress for {self.timeout:.0f} s: another rank is gone or "
                           "stuck (MLX_HERMES_RANK_TIMEOUT sets this limit)")
 

@@ -10,8 +10,9 @@ side by side, and a checkpoint saved from either is the same):
   experts spread over one CPU stream per core (results bit-identical);
 - on CUDA: the MoE blocks' decoding through fused kernels (cuda_qmv.py for
   one token, cuda_grouped.py for batched steps), the 4-bit linear layers'
-  steps of a few rows through cuda_grouped.py, and long prefills through
-  dequantized float experts (dense_prefill.py).
+  steps of a few rows through cuda_grouped.py, every quantized linear
+  layer's longer batched steps as one 2-D matrix (MLX's GEMM), and long
+  prefills through dequantized float experts (dense_prefill.py).
 
 Before that, q/k/v and gate/up are joined into one matrix each (fusion.py):
 a layout change every backend gains from. On Metal nothing else is installed:
@@ -80,6 +81,9 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
             if cuda_grouped.linear_applies(module, dtype):
                 install(module, cuda_grouped.KernelQuantizedLinear)
                 installed.append("cuda-linear")
+            elif isinstance(module, nn.QuantizedLinear):
+                install(module, cuda_grouped.FlatQuantizedLinear)
+                installed.append("cuda-flat-linear")
     return list(dict.fromkeys(installed))
 
 

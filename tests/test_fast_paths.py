@@ -76,7 +76,7 @@ def test_each_fast_path_is_installed_where_it_applies_only(mlx_lm_quantized):
     installed = specialize(model)
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     assert ("dense-prefill" in installed) == on_cuda
-    assert on_cuda or "cuda-linear" not in installed
+    assert on_cuda or not {"cuda-linear", "cuda-flat-linear"} & set(installed)
     multicore_cpu = mx.default_device() == mx.cpu and len(cpu.streams()) > 1
     assert ("cpu-experts" in installed) == multicore_cpu
     if multicore_cpu:
@@ -263,8 +263,30 @@ def test_cuda_grouped_linear_equals_quantized_matmul(out_dims, in_dims, group_si
         assert got.shape == (1, rows, out_dims) and got.dtype == mx.bfloat16
         try:
             assert_close(np.array(got.astype(mx.float32)), want, rel=2e-2)
+            if rows == 33:  # the kernel itself over several tiles of rows
+                assert_close(np.array(cuda_grouped.linear(x, layer).astype(mx.float32)), want,
+                             rel=2e-2)
         except AssertionError as e:
             raise AssertionError(f"{rows} rows: {e}") from None
+
+
+@pytest.mark.parametrize("cls", ["FlatQuantizedLinear", "KernelQuantizedLinear"])
+@pytest.mark.parametrize("bits", [4, 6])
+def test_flattened_steps_equal_quantized_matmul(cls, bits):
+    """The CUDA linear layers give MLX's quantized_matmul steps of
+    GEMM_MIN_ROWS rows or more as one 2-D matrix (one GEMM on CUDA); the
+    result keeps x's leading shape. Runs on any device (MLX ops only)."""
+    from mlx_hermes import cuda_grouped
+
+    layer = nn.QuantizedLinear(128, 96, bias=False, group_size=64, bits=bits)
+    for shape in ((cuda_grouped.GEMM_MIN_ROWS, 1, 128), (3, 5, 128), (2, 2, 4, 128)):
+        x = mx.random.normal(shape)
+        want = np.array(layer(x))
+        layer.__class__ = getattr(cuda_grouped, cls)
+        got = layer(x)
+        layer.__class__ = nn.QuantizedLinear
+        assert got.shape == (*shape[:-1], 96)
+        np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_kernels_compile_four_variants_at_most():
