@@ -3,8 +3,8 @@ once per step for all the tokens routed to it, on tensor cores.
 
 MLX's `gather_qmm` on CUDA reads an expert once per token routed to it
 (one layer's experts for 32 streams: 4.8 ms on an H200, where reading the 8
-experts once takes ~0.3 ms; these kernels: 0.54 ms,
-benchmarks/grouped_kernel.py), and so do cuda_qmv.py's one-token kernels. Here
+experts once takes ~0.3 ms; these kernels: 0.50 ms,
+benchmarks/grouped_parts.py), and so do cuda_qmv.py's one-token kernels. Here
 two kernels (`mx.fast.cuda_kernel`) do a MoE block's expert work for 2 to
 MAX_TOKENS tokens:
 
@@ -29,18 +29,19 @@ unpack: codes m and m+4 of a 32-bit word share one bf16 pair
 activations are paired the same way with one byte permute.
 
 The same tiles serve the dense 4-bit layers (attention's projections, the
-LM head): MLX's `quantized_matmul` on CUDA also reads the weights once per
-row (one layer's q/k/v for 32 rows: 0.36 ms against 0.023 for one row;
-the LM head 2.44 ms against 0.081; here 0.048 and 0.14 ms,
-benchmarks/batch_step_parts.py), so `KernelQuantizedLinear` runs `linear`,
-every row tile of the layer over all the step's tokens, for a few rows; from
-GEMM_MIN_ROWS rows MLX's own GEMM, given the rows as one 2-D matrix, is
-faster still.
+LM head) for steps of a few rows (`linear`, in `KernelQuantizedLinear`):
+there MLX's `quantized_matmul` on CUDA runs one matrix-vector product per
+row. From GEMM_MIN_ROWS rows MLX's own GEMM is faster, but only given the
+rows as one 2-D matrix: for a decode step's x [B, 1, K] it runs one product
+per sequence (q/k/v at 32 rows on an H200: 0.362 ms as [32, 1, K], 0.029 as
+[32, K], 0.038 here; benchmarks/grouped_parts.py), so `FlatQuantizedLinear`
+flattens those steps, for any bits.
 
 `cuda_qmv.KernelMoeBlock` (installed at load by `specialize`, CUDA only)
 calls `moe` for steps of 2 to MAX_TOKENS tokens, and `specialize` installs
-`KernelQuantizedLinear` on the 4-bit linear layers; Metal, the CPU, and
-`--portable` run MLX's own ops. Tested against them on the GPU machine
+`KernelQuantizedLinear` on the 4-bit linear layers (`FlatQuantizedLinear` on
+other quantized ones); Metal (whose quantized_matmul flattens x itself), the
+CPU, and `--portable` run MLX's own ops. Tested against them on the GPU machine
 (tests/test_fast_paths.py); compile-checked anywhere with
 benchmarks/compile_cuda_kernels.py.
 """
