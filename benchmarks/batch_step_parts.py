@@ -10,8 +10,9 @@ attention over a left-padded batch cache, its MoE block, the LM head; the
 attention in pieces (norm, RoPE, mask, SDPA with and without a mask, the
 module, a whole decoder layer); then
 a whole model step for N rows evaluated each step, as a decode loop runs
-it, and the host's time to build that step's graph. The whole step against
-the sum of its parts shows the host's share.
+it, the host's time to build that step's graph and to dispatch it (until
+async_eval returns), and the MLX ops in it. The whole step against the sum of
+its parts shows the host's share.
 Prints a table and JSON.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlx_hermes import cuda_grouped  # noqa: E402
 from grouped_kernel import timed  # noqa: E402
 from mlx_hermes import profile as prof  # noqa: E402
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def ops_per_step(model, tok: mx.array, cache: list) -> float:
+    """MLX primitives in one step's graph (MLX's DOT export): what the host
+    builds and dispatches each step. The step is undone (trim) afterwards."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "step.dot"
+        mx.export_to_dot(str(path), model(tok, cache=cache))
+        for c in cache:
+            c.trim(1)
+        return float(path.read_text().count("shape=rectangle"))
 
 
 def attention_parts(model, x: mx.array, cache: list, trials: int) -> dict:
@@ -108,22 +125,28 @@ def main() -> None:
                 part[f"{name}_kernel_rel_error"] = (mx.abs(got - ref).max()
                                                     / mx.abs(ref).max()).item()
         part.update(attention_parts(model, x, cache, a.trials))
-        steps, builds = [], []
+        steps, builds, dispatches = [], [], []
         tok = mx.random.randint(0, 32000, (n, 1))
         for _ in range(a.trials):
             start = time.perf_counter()
             logits = model(tok, cache=cache)
             tok = mx.argmax(logits[:, -1:], axis=-1)
             built = time.perf_counter()
+            mx.async_eval(tok)  # returns once MLX has dispatched the step's kernels
+            dispatched = time.perf_counter()
             mx.eval(tok)
             steps.append((time.perf_counter() - start) * 1e3)
             builds.append((built - start) * 1e3)
-        part["model_step_evaluated"] = sorted(steps)[len(steps) // 2]
-        part["model_step_host_build"] = sorted(builds)[len(builds) // 2]
+            dispatches.append((dispatched - built) * 1e3)
+        part["model_step_evaluated"] = median(steps)
+        part["model_step_host_build"] = median(builds)
+        part["model_step_host_dispatch"] = median(dispatches)
+        part["model_step_op_count"] = ops_per_step(model, tok, cache)
         part["parts_sum"] = L * (part["qkv_proj"] + part["o_proj"] + part["moe_block"]) + \
             part["lm_head"]
         rows[n] = part
-        print(f"{n} rows: " + ", ".join(f"{k} {v:.3f} ms" for k, v in part.items()), flush=True)
+        print(f"{n} rows: " + ", ".join(f"{k} {v:.0f}" if k.endswith("count") else
+                                        f"{k} {v:.3f} ms" for k, v in part.items()), flush=True)
     print(json.dumps({"layers": L, "context": a.context, "rows": rows}))
 
 
