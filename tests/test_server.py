@@ -414,6 +414,12 @@ def test_shutdown_gives_503_with_retry_after_never_a_cut_reply(model):
                     "max_tokens": 5000}
             running = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=chat,
                                   timeout=60)
+            # the long request first (its reply runs ~2,500 tokens), so the other two queue
+            # behind it: the short Ollama one, taken first, would be done before they met
+            deadline = time.time() + 10
+            while server.engine.running < 1:
+                assert time.time() < deadline, "the first request did not start"
+                time.sleep(0.01)
 
             def stream() -> list[str]:
                 with httpx.stream("POST", f"{server.url}/v1/chat/completions",
