@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mlx_hermes import cuda_grouped  # noqa: E402
+from decode_overhead import count_ops  # noqa: E402
 from grouped_kernel import timed  # noqa: E402
 from mlx_hermes import profile as prof  # noqa: E402
 
@@ -43,14 +43,12 @@ def median(values: list[float]) -> float:
 
 
 def ops_per_step(model, tok: mx.array, cache: list) -> float:
-    """MLX primitives in one step's graph (MLX's DOT export): what the host
-    builds and dispatches each step. The step is undone (trim) afterwards."""
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "step.dot"
-        mx.export_to_dot(str(path), model(tok, cache=cache))
-        for c in cache:
-            c.trim(1)
-        return float(path.read_text().count("shape=rectangle"))
+    """MLX primitives in one step's graph: what the host builds and
+    dispatches each step. The step is undone (trim) afterwards."""
+    ops = count_ops(model(tok, cache=cache))
+    for c in cache:
+        c.trim(1)
+    return float(ops)
 
 
 def attention_parts(model, x: mx.array, cache: list, trials: int) -> dict:

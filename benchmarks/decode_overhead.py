@@ -32,15 +32,20 @@ from mlx_hermes import profile as prof  # noqa: E402
 from mlx_hermes.cache import make_cache  # noqa: E402
 
 
+def count_ops(y: mx.array) -> int:
+    """MLX primitives in the (unevaluated) graph of `y`, from MLX's DOT export."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "graph.dot"
+        mx.export_to_dot(str(path), y)
+        return path.read_text().count("shape=rectangle")
+
+
 def ops_per_step(model, prompt: list[int]) -> int:
     """MLX primitives in one decode step's graph (what the host builds and
-    dispatches each token), counted from MLX's DOT export."""
+    dispatches each token)."""
     cache = make_cache(model)
     mx.eval(model(mx.array([prompt]), cache=cache))
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "step.dot"
-        mx.export_to_dot(str(path), model(mx.array([[7]]), cache=cache))
-        return path.read_text().count("shape=rectangle")
+    return count_ops(model(mx.array([[7]]), cache=cache))
 
 
 def step_times(model, prompt: list[int], steps: int = 12) -> dict:

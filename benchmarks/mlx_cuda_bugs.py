@@ -21,7 +21,11 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx_lm.models.switch_layers import SwitchLinear  # noqa: E402
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlx_hermes.dense_prefill import dense_project  # noqa: E402
 
 
 def quantized_matmul(K: int, group: int, rows: int, bits: int, dtype, rng, N: int = 64,
@@ -115,10 +119,6 @@ def dense_prefill_gather(D: int, F: int, E: int, tokens: int, rng) -> dict:
     run on the same dequantized weights and inputs, against numpy: if the
     first is right and the second wrong, the difference is in how the
     inputs were made, not in the op's arguments."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-
-    from mlx_hermes.dense_prefill import dense_project
-
     layer = QuantizedSwitchLinear(D, F, E, bias=False, group_size=32, bits=4)
     layer.set_dtype(mx.float32)
     idx = np.sort(rng.integers(0, E, size=tokens)).astype(np.uint32)

@@ -88,22 +88,20 @@ def convert(
         raise HermesError(f"cannot write beside {out}: {e.strerror or first_line(e)}") from None
     try:
         writer = ShardWriter(tmp, split_into_shards(specs))
-        total = sum(_source_bytes(source, s) for item in items for s in item.sources)
+        sizes = [sum(_source_bytes(source, s) for s in item.sources) for item in items]
         done = 0
-        report = _monotonic(progress, total)
+        report = _monotonic(progress, sum(sizes))
         layer_bytes: dict[str, int] = {}
-        for item in items:
-            layer = _layer_of(item)
-            layer_bytes[layer] = layer_bytes.get(layer, 0) + sum(_source_bytes(source, s)
-                                                                 for s in item.sources)
+        for item, size in zip(items, sizes):
+            layer_bytes[_layer_of(item)] = layer_bytes.get(_layer_of(item), 0) + size
         try:
-            for item in items:
+            for item, size in zip(items, sizes):
                 if rounding is not None:  # a layer's GPTQ runs at its first item: minutes
-                    rounding.progress = (lambda part, start=done, size=layer_bytes[_layer_of(item)]:
-                                         report(start + int(part * size)))
+                    rounding.progress = (lambda part, start=done, whole=layer_bytes[_layer_of(item)]:
+                                         report(start + int(part * whole)))
                 for name, array in convert_item(source, item, out_dtype, rounding):
                     writer.write(name, array)
-                done += sum(_source_bytes(source, s) for s in item.sources)
+                done += size
                 report(done)
         finally:
             writer.close()

@@ -345,9 +345,10 @@ def tiles_for(tokens: int) -> int:
 
 
 def gate_up(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
-    """silu(gate(x)) * up(x) of each token's k experts: x [T, D] -> h [T*k, F]."""
+    """silu(gate(x)) * up(x) of each token's k experts: x [..., D] -> h [T*k, F]."""
     layer = experts.gate_up_proj
-    T, D = x.shape
+    D = x.shape[-1]
+    T = x.size // D
     E, F = layer.weight.shape[0], layer.weight.shape[-2] // 2
     return _kernel("hermes_grouped_gate_up", ["x", "w", "scales", "biases", "logits"], "h",
                    GATE_UP)(
@@ -358,9 +359,11 @@ def gate_up(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
         output_shapes=[(T * k, F)], output_dtypes=[mx.bfloat16])[0]
 
 
-def down(h: mx.array, experts, logits: mx.array, k: int) -> mx.array:
+def down(h: mx.array, experts, logits: mx.array, k: int,
+         shape: tuple[int, ...] | None = None) -> mx.array:
     """Each token's experts' down projections, weighted by the router and
-    summed: h [T*k, F] -> [T, D] float32."""
+    summed: h [T*k, F] -> float32 of `shape` (the tokens' own, [..., D];
+    default [T, D])."""
     layer = experts.down_proj
     F, T = h.shape[-1], h.shape[0] // k
     E, D = layer.weight.shape[0], layer.weight.shape[-2]
@@ -369,16 +372,16 @@ def down(h: mx.array, experts, logits: mx.array, k: int) -> mx.array:
         template=[("D", D), ("K", F), ("GS", layer.group_size), ("TILES", tiles_for(T)),
                   ("KC", k), ("E", E)],
         grid=(E * (D // 16) * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
-        output_shapes=[(T, D)], output_dtypes=[mx.float32], init_value=0)[0]
+        output_shapes=[shape or (T, D)], output_dtypes=[mx.float32], init_value=0)[0]
 
 
 def moe(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
     """The MoE block's output for 2..MAX_TOKENS tokens and the router's
-    `logits` [..., E]: x [..., D] -> [..., D] (see cuda_qmv.moe)."""
-    flat = x.reshape(-1, x.shape[-1])  # [T, D]
-    logits = logits.reshape(flat.shape[0], -1)  # [T, E]
-    y = down(gate_up(flat, experts, logits, k), experts, logits, k)
-    return y.astype(x.dtype).reshape(x.shape)
+    `logits` [..., E]: x [..., D] -> [..., D] (see cuda_qmv.moe). The kernels
+    take any leading shape (they count tokens from the logits' shape): no
+    reshape ops on the decode path."""
+    h = gate_up(x, experts, logits, k)
+    return down(h, experts, logits, k, x.shape).astype(x.dtype)
 
 
 def linear(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
@@ -421,10 +424,11 @@ class FlatQuantizedLinear(nn.QuantizedLinear):
     2-D [rows, K]: one GEMM, not one product per sequence."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        K = x.shape[-1]
-        rows = x.size // K
+        return self.by_rows(x, x.size // x.shape[-1])
+
+    def by_rows(self, x: mx.array, rows: int) -> mx.array:
         if rows >= GEMM_MIN_ROWS and x.ndim > 2:
-            return super().__call__(x.reshape(rows, K)).reshape(*x.shape[:-1], -1)
+            return super().__call__(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
         return super().__call__(x)
 
 
@@ -434,6 +438,7 @@ class KernelQuantizedLinear(FlatQuantizedLinear):
     for all rows); others as FlatQuantizedLinear."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if LINEAR_MIN_ROWS <= x.size // x.shape[-1] < GEMM_MIN_ROWS:
+        rows = x.size // x.shape[-1]
+        if LINEAR_MIN_ROWS <= rows < GEMM_MIN_ROWS:
             return linear(x, self)
-        return super().__call__(x)
+        return self.by_rows(x, rows)
