@@ -44,9 +44,10 @@ KERNELS = [
      {"F": 14336, "K": 4096, "GS": 64, "TILES": 4, "KC": 2, "E": 8}),
     ("grouped_down", GROUPED, [("h", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
                                ("logits", BF16)], ("y", F32), cuda_grouped.DOWN,
-     {"D": 4096, "K": 14336, "GS": 64, "TILES": 4, "KC": 2, "E": 8}),
+     {"D": 4096, "K": 14336, "GS": 64, "TILES": 4, "KC": 2, "E": 8, "S": 2, "RT": 2}),
     ("grouped_linear", GROUPED, [("x", BF16), ("w", U32), ("scales", BF16), ("biases", BF16)],
-     ("y", BF16), cuda_grouped.LINEAR, {"N": 6144, "K": 4096, "GS": 64, "TILES": 4}),
+     ("y", BF16), cuda_grouped.LINEAR,
+     {"N": 6144, "K": 4096, "GS": 64, "TILES": 4, "S": 8, "RT": 1}),
 ]
 
 

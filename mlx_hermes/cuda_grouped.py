@@ -29,13 +29,16 @@ unpack: codes m and m+4 of a 32-bit word share one bf16 pair
 activations are paired the same way with one byte permute.
 
 The same tiles serve the dense 4-bit layers (attention's projections, the
-LM head) for steps of a few rows (`linear`, in `KernelQuantizedLinear`):
-there MLX's `quantized_matmul` on CUDA runs one matrix-vector product per
-row. From GEMM_MIN_ROWS rows MLX's own GEMM is faster, but only given the
-rows as one 2-D matrix: for a decode step's x [B, 1, K] it runs one product
-per sequence (q/k/v at 32 rows on an H200: 0.362 ms as [32, 1, K], 0.029 as
-[32, K], 0.038 here; benchmarks/grouped_parts.py), so `FlatQuantizedLinear`
-flattens those steps, for any bits.
+router, the LM head) for steps of 2 to MAX_TOKENS rows (`linear`, in
+`KernelQuantizedLinear`): MLX's `quantized_matmul` on CUDA runs one
+matrix-vector product per sequence for a decode step's x [B, 1, K], and its
+GEMM (x flattened to [B, K]) keeps too few warps busy for so few rows: in a
+32-stream decode step on an H200 (benchmarks/gpu_timeline.py, weights not in
+L2 as in a real step) q/k/v took 88 us there, 22 us here; the router 67 us
+there, 16 us here. A layer of few row tiles splits each tile's inputs over
+up to MAX_SPLIT warps (split_for), their sums added in shared memory.
+`FlatQuantizedLinear` gives the other quantized layers (other bits) MLX's
+GEMM on flattened rows, for any bits.
 
 `cuda_qmv.KernelMoeBlock` (installed at load by `specialize`, CUDA only)
 calls `moe` for steps of 2 to MAX_TOKENS tokens, and `specialize` installs
@@ -57,7 +60,15 @@ from . import cuda_qmv
 
 # Tokens per call: an expert's tokens are a 64-bit mask, in tiles of 8.
 MAX_TOKENS = 64
-BLOCK = 128  # threads: 4 warps, neighbouring row tiles of one expert, sharing its tokens' rows
+# Warps a down or linear call aims for (an H100/H200 has 132 multiprocessors):
+# a layer of few row tiles splits each tile's steps over up to MAX_SPLIT warps
+# (split_for). With one warp per tile, q/k/v for 32 rows (384 row tiles) ran
+# at ~0.14 TB/s in a decode step (benchmarks/gpu_timeline.py, H200); 8x7B's
+# down projection (2,048 row tiles) took 343 us a layer at 32 streams, 204 us
+# split in 4. gate_up (14,336 row tiles) is never split.
+WARPS = 8192
+MAX_SPLIT = 8  # a block of 8 x 32 threads at <= 80 registers each
+BLOCK = 128  # threads of a gate_up block, and of a split one where S <= 4
 
 HEADER = r"""
 // the n-th (from 0) set bit of mask, or -1
@@ -197,19 +208,66 @@ __device__ __forceinline__ void step_products(const StepWeights& r, const __nv_b
     }
 }
 
-// Every step of 128 inputs of rows ra, rb against every tile of tokens. Thread t takes
-// inputs 32u .. 32u+31, u = 4 step + t. (Loading the next step's weights before this
-// step's products, or splitting the inputs over more warps, did not pay on an H200:
-// benchmarks/RESULTS.md.)
+// Steps s0 .. s1-1 (of 128 inputs each) of rows ra, rb against every tile of tokens. Thread t
+// takes inputs 32u .. 32u+31, u = 4 step + t. (Loading the next step's weights before this
+// step's products did not pay on an H200, in registers nor through shared memory with
+// cp.async: benchmarks/RESULTS.md.)
 template <int K, int GS, int TILES>
 __device__ __forceinline__ void grouped_steps(
         const uint32_t* w, const __nv_bfloat16* scales, const __nv_bfloat16* biases,
         const __nv_bfloat16* x, long ra, long rb, const long* xrow, int tiles, int t,
-        float (*acc)[4]) {
-    for (int s = 0; s < (K / 32 + 3) / 4; s++) {
+        int s0, int s1, float (*acc)[4]) {
+    for (int s = s0; s < s1; s++) {
         step_products<K, TILES>(load_step<K, GS>(w, scales, biases, ra, rb, 4 * s + t), x, xrow,
                                 tiles, 4 * s + t, acc);
     }
+}
+
+// A block is RT row tiles x S warps: the S warps of a row tile share its rows and tokens and
+// each takes a 1/S slice of the steps, so that a layer of few rows still has enough warps in
+// flight to stream its weights. Warp wb of the block: its row tile and its slice of the steps.
+struct Slice {
+    int rt, part, s0, s1;
+};
+
+template <int K, int S>
+__device__ __forceinline__ Slice slice_of(int wb) {
+    constexpr int STEPS = (K / 32 + 3) / 4;
+    constexpr int PER = (STEPS + S - 1) / S;
+    Slice at;
+    at.rt = wb / S;
+    at.part = wb % S;
+    at.s0 = at.part * PER;
+    at.s1 = min(STEPS, at.s0 + PER);
+    return at;
+}
+
+// The S slices' sums of each row tile added up in shared memory, in a fixed order (so a
+// result does not depend on timing), into the registers of the row tile's slice 0, which
+// returns true; the others return false. Every thread of the block must call it.
+template <int TILES, int S, int RT>
+__device__ __forceinline__ bool block_sum(float (*acc)[4], const Slice& at, int lane) {
+    if (S == 1) return true;
+    __shared__ float part[S > 1 ? RT * (S - 1) * TILES * 128 : 1];
+    float* mine = part + ((at.rt * (S - 1) + at.part - 1) * TILES) * 128 + lane * 4;
+    if (at.part > 0) {
+        #pragma unroll
+        for (int j = 0; j < TILES; j++) {
+            #pragma unroll
+            for (int c = 0; c < 4; c++) mine[j * 128 + c] = acc[j][c];
+        }
+    }
+    __syncthreads();
+    if (at.part > 0) return false;
+    for (int p = 1; p < S; p++) {
+        const float* theirs = part + ((at.rt * (S - 1) + p - 1) * TILES) * 128 + lane * 4;
+        #pragma unroll
+        for (int j = 0; j < TILES; j++) {
+            #pragma unroll
+            for (int c = 0; c < 4; c++) acc[j][c] += theirs[j * 128 + c];
+        }
+    }
+    return true;
 }
 
 """
@@ -240,7 +298,8 @@ GATE_UP = TOKENS + r"""
     float acc[TILES][4];
     #pragma unroll
     for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    grouped_steps<K, GS, TILES>(w, scales, biases, x, gate, gate + F, xrow, tiles, t, acc);
+    grouped_steps<K, GS, TILES>(w, scales, biases, x, gate, gate + F, xrow, tiles, t, 0,
+                                (K / 32 + 3) / 4, acc);
     #pragma unroll
     for (int j = 0; j < TILES; j++) {
         #pragma unroll
@@ -259,13 +318,13 @@ GATE_UP = TOKENS + r"""
 # h [NT*KC, K], w [E, D, K/8], logits [NT, E] -> y [NT, D] float32, zeroed, summed into
 DOWN = TOKENS + r"""
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int wid = int((long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
-    if (wid >= E * (D / 16)) return;
-    const int e = wid / (D / 16);
-    const int d0 = (wid % (D / 16)) * 16;
-    const unsigned long long mine = expert_tokens<E, KC>(logits, NT, e, lane);
+    const Slice at = slice_of<K, S>(threadIdx.x >> 5);
+    const int tile = blockIdx.x * RT + at.rt;  // 16 down rows of one expert
+    const bool real = tile < E * (D / 16);
+    const int e = real ? tile / (D / 16) : 0;
+    const int d0 = (tile % (D / 16)) * 16;
+    const unsigned long long mine = real ? expert_tokens<E, KC>(logits, NT, e, lane) : 0ull;
     const int tiles = (__popcll(mine) + 7) / 8;
-    if (tiles == 0) return;
     long xrow[TILES];
     #pragma unroll
     for (int j = 0; j < TILES; j++) {
@@ -277,7 +336,11 @@ DOWN = TOKENS + r"""
     float acc[TILES][4];
     #pragma unroll
     for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    grouped_steps<K, GS, TILES>(w, scales, biases, h, row, row + 8, xrow, tiles, t, acc);
+    if (tiles > 0) {
+        grouped_steps<K, GS, TILES>(w, scales, biases, h, row, row + 8, xrow, tiles, t, at.s0,
+                                    at.s1, acc);
+    }
+    if (!block_sum<TILES, S, RT>(acc, at, lane) || tiles == 0) return;
     #pragma unroll
     for (int j = 0; j < TILES; j++) {
         #pragma unroll
@@ -298,18 +361,22 @@ LINEAR = r"""
     int M = 1;
     for (int i = 0; i < x_ndim - 1; i++) M *= x_shape[i];
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int wid = int((long(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
-    if (wid >= (N + 15) / 16) return;
-    const int n0 = wid * 16;  // rows past N (a last partial tile) read row N-1, written nowhere
-    const int tiles = (M + 7) / 8;
+    const Slice at = slice_of<K, S>(threadIdx.x >> 5);
+    const int tile = blockIdx.x * RT + at.rt;
+    const bool real = tile < (N + 15) / 16;
+    const int n0 = real ? tile * 16 : 0;  // rows past N (a last partial tile) read row N-1, written nowhere
+    const int tiles = real ? (M + 7) / 8 : 0;
     long xrow[TILES];
     #pragma unroll
     for (int j = 0; j < TILES; j++) xrow[j] = 8 * j + g < M ? 8 * j + g : -1;
     float acc[TILES][4];
     #pragma unroll
     for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    grouped_steps<K, GS, TILES>(w, scales, biases, x, min(n0 + g, N - 1), min(n0 + g + 8, N - 1),
-                                xrow, tiles, t, acc);
+    if (tiles > 0) {
+        grouped_steps<K, GS, TILES>(w, scales, biases, x, min(n0 + g, N - 1),
+                                    min(n0 + g + 8, N - 1), xrow, tiles, t, at.s0, at.s1, acc);
+    }
+    if (!block_sum<TILES, S, RT>(acc, at, lane) || tiles == 0) return;
     #pragma unroll
     for (int j = 0; j < TILES; j++) {
         #pragma unroll
@@ -336,6 +403,26 @@ def applies(experts) -> bool:
     E, two_f, _ = experts.gate_up_proj.weight.shape
     D = experts.down_proj.weight.shape[-2]
     return E <= 64 and two_f // 2 % 32 == 0 and D % 32 == 0
+
+
+def split_for(row_tiles: int, k: int) -> tuple[int, int]:
+    """(S, RT) for a call of `row_tiles` tiles of rows and `k` inputs: S
+    warps share each row tile, each taking 1/S of its 128-input steps (their
+    sums added in shared memory), and a block holds RT row tiles (BLOCK
+    threads where S <= 4)."""
+    steps = (k // 32 + 3) // 4
+    s = 1
+    while s < MAX_SPLIT and 2 * s <= steps and row_tiles * s < WARPS:
+        s *= 2
+    return s, max(1, BLOCK // 32 // s)
+
+
+def _launch(row_tiles: int, k: int) -> dict:
+    """The template values and launch shape for `row_tiles` row tiles."""
+    s, rt = split_for(row_tiles, k)
+    blocks = (row_tiles + rt - 1) // rt
+    return {"template": [("S", s), ("RT", rt)], "grid": (blocks * rt * s * 32, 1, 1),
+            "threadgroup": (rt * s * 32, 1, 1)}
 
 
 def tiles_for(tokens: int) -> int:
@@ -367,11 +454,12 @@ def down(h: mx.array, experts, logits: mx.array, k: int,
     layer = experts.down_proj
     F, T = h.shape[-1], h.shape[0] // k
     E, D = layer.weight.shape[0], layer.weight.shape[-2]
+    launch = _launch(E * (D // 16), F)
     return _kernel("hermes_grouped_down", ["h", "w", "scales", "biases", "logits"], "y", DOWN)(
         inputs=[h, layer.weight, layer.scales, layer.biases, logits],
         template=[("D", D), ("K", F), ("GS", layer.group_size), ("TILES", tiles_for(T)),
-                  ("KC", k), ("E", E)],
-        grid=(E * (D // 16) * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+                  ("KC", k), ("E", E), *launch["template"]],
+        grid=launch["grid"], threadgroup=launch["threadgroup"],
         output_shapes=[shape or (T, D)], output_dtypes=[mx.float32], init_value=0)[0]
 
 
@@ -388,11 +476,12 @@ def linear(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
     """layer(x) for 1..MAX_TOKENS rows of bf16 x: [..., K] -> [..., N]."""
     N = layer.weight.shape[0]
     K = x.shape[-1]
+    launch = _launch((N + 15) // 16, K)
     y = _kernel("hermes_grouped_linear", ["x", "w", "scales", "biases"], "y", LINEAR)(
         inputs=[x, layer.weight, layer.scales, layer.biases],
         template=[("N", N), ("K", K), ("GS", layer.group_size),
-                  ("TILES", tiles_for(x.size // K))],
-        grid=((N + 15) // 16 * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
+                  ("TILES", tiles_for(x.size // K)), *launch["template"]],
+        grid=launch["grid"], threadgroup=launch["threadgroup"],
         output_shapes=[(*x.shape[:-1], N)], output_dtypes=[mx.bfloat16])[0]
     return y + layer["bias"] if "bias" in layer else y
 
@@ -413,8 +502,8 @@ LINEAR_MIN_ROWS = 2
 # From this many rows MLX's CUDA quantized_matmul runs one GEMM, reading the
 # weights once, but only for a 2-D x [M, K]: a batched decode step's x
 # [B, 1, K] runs one product per sequence (32 rows of q/k/v on an H200: 0.362
-# ms as [32, 1, K], 0.029 as [32, K], 0.038 through `linear`;
-# benchmarks/grouped_variants.py). So such steps run flattened.
+# ms as [32, 1, K], 0.029 as [32, K]; benchmarks/grouped_parts.py). So such
+# steps of layers `linear` does not take run flattened.
 GEMM_MIN_ROWS = 8
 
 
@@ -434,11 +523,11 @@ class FlatQuantizedLinear(nn.QuantizedLinear):
 
 class KernelQuantizedLinear(FlatQuantizedLinear):
     """A 4-bit linear layer on CUDA (linear_applies) whose steps of
-    LINEAR_MIN_ROWS up to GEMM_MIN_ROWS rows run `linear` (weights read once
-    for all rows); others as FlatQuantizedLinear."""
+    LINEAR_MIN_ROWS to MAX_TOKENS rows run `linear` (weights read once for
+    all rows); others as FlatQuantizedLinear."""
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
-        if LINEAR_MIN_ROWS <= rows < GEMM_MIN_ROWS:
+        if LINEAR_MIN_ROWS <= rows <= MAX_TOKENS:
             return linear(x, self)
         return self.by_rows(x, rows)

@@ -190,12 +190,13 @@ def _quantized_block(dims: int, hidden: int, experts: int, k: int, group_size: i
 @pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
                     reason="a CUDA kernel: runs on the GPU machine")
 @pytest.mark.parametrize("dims,hidden,experts,k,group_size", [
-    (128, 256, 8, 2, 64), (160, 96, 5, 3, 32), (256, 384, 4, 1, 128)])
+    (128, 256, 8, 2, 64), (160, 96, 5, 3, 32), (256, 384, 4, 1, 128), (64, 1088, 4, 2, 64)])
 @pytest.mark.parametrize("routing", ["random", "one expert takes all"])
 def test_cuda_grouped_kernel_equals_gather_qmm(dims, hidden, experts, k, group_size, routing):
     """mlx_hermes/cuda_grouped.py's kernels (routing included) against MLX's
     ops for every step size they take, on the same inputs and float32
-    router logits: experts with no token, one, and all of them."""
+    router logits: experts with no token, one, and all of them; the steps of
+    a row tile split over 1, 2 (unevenly: 3 steps) and 4 warps (split_for)."""
     from mlx_hermes import cuda_grouped, cuda_qmv
 
     mx.random.seed(dims + hidden + experts)
@@ -243,10 +244,12 @@ def test_kernel_block_picks_a_path_by_step_size():
 @pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
                     reason="a CUDA kernel: runs on the GPU machine")
 @pytest.mark.parametrize("out_dims,in_dims,group_size", [(50, 96, 32), (256, 128, 64),
-                                                         (112, 384, 128)])
+                                                         (112, 384, 128), (40, 1088, 64)])
 def test_cuda_grouped_linear_equals_quantized_matmul(out_dims, in_dims, group_size):
     """cuda_grouped.KernelQuantizedLinear against MLX's quantized_matmul for
-    steps of 1 to MAX_TOKENS rows (and one past, where it hands over)."""
+    steps of 1 to MAX_TOKENS rows (and one past, where it hands over); a row
+    tile's steps split over 1, 2 (a last block half empty) and 4 warps (9
+    steps: one warp gets none)."""
     from mlx_hermes import cuda_grouped
 
     mx.random.seed(out_dims)
@@ -273,13 +276,16 @@ def test_cuda_grouped_linear_equals_quantized_matmul(out_dims, in_dims, group_si
 @pytest.mark.parametrize("cls", ["FlatQuantizedLinear", "KernelQuantizedLinear"])
 @pytest.mark.parametrize("bits", [4, 6])
 def test_flattened_steps_equal_quantized_matmul(cls, bits):
-    """The CUDA linear layers give MLX's quantized_matmul steps of
-    GEMM_MIN_ROWS rows or more as one 2-D matrix (one GEMM on CUDA); the
-    result keeps x's leading shape. Runs on any device (MLX ops only)."""
+    """The CUDA linear layers give MLX's quantized_matmul the steps they
+    flatten (from GEMM_MIN_ROWS rows; a kernel layer from past MAX_TOKENS)
+    as one 2-D matrix (one GEMM on CUDA); the result keeps x's leading
+    shape. Runs on any device (MLX ops only)."""
     from mlx_hermes import cuda_grouped
 
     layer = nn.QuantizedLinear(128, 96, bias=False, group_size=64, bits=bits)
-    for shape in ((cuda_grouped.GEMM_MIN_ROWS, 1, 128), (3, 5, 128), (2, 2, 4, 128)):
+    first = (cuda_grouped.GEMM_MIN_ROWS if cls == "FlatQuantizedLinear"
+             else cuda_grouped.MAX_TOKENS + 1)
+    for shape in ((first, 1, 128), (first, 2, 128), (2, first, 2, 128)):
         x = mx.random.normal(shape)
         want = np.array(layer(x))
         layer.__class__ = getattr(cuda_grouped, cls)
