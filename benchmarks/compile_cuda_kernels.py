@@ -1,4 +1,4 @@
-"""Compile mlx_hermes/cuda_qmv.py's and cuda_grouped.py's kernels for Hopper on any machine, no GPU:
+"""Compile mlx_hermes/cuda_qmv.py's, cuda_grouped.py's and cuda_attention.py's kernels for Hopper on any machine, no GPU:
 catches compile errors and shows registers and spills before a device run.
 
     pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 \
@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_hermes import cuda_grouped, cuda_qmv  # noqa: E402
+from mlx_hermes import cuda_attention, cuda_grouped, cuda_qmv  # noqa: E402
 
-BF16, U32, F32 = "__nv_bfloat16", "uint32_t", "float"
+BF16, U32, F32, I32 = "__nv_bfloat16", "uint32_t", "float", "int32_t"
 QMV, GROUPED = cuda_qmv.HEADER, cuda_qmv.HEADER + cuda_grouped.HEADER
 # name, header, inputs with their types, output and its type, body, template arguments
 # (8x7B, 4-bit, group 64; the grouped kernels at 32 streams)
@@ -48,6 +48,9 @@ KERNELS = [
     ("grouped_linear", GROUPED, [("x", BF16), ("w", U32), ("scales", BF16), ("biases", BF16)],
      ("y", BF16), cuda_grouped.LINEAR,
      {"N": 6144, "K": 4096, "GS": 64, "TILES": 4, "S": 8, "RT": 1}),
+    ("batch_attend", cuda_qmv.HEADER, [("q", BF16), ("k", BF16), ("v", BF16), ("lp", I32)],
+     ("o", BF16), cuda_attention.ATTEND,
+     {"H": 32, "KH": 8, "DH": 128, "NW": cuda_attention.WARPS}),
 ]
 
 
@@ -67,11 +70,13 @@ def source(name: str, header: str, inputs: list, output: tuple, body: str,
         params.append(f"const {t}* __restrict__ {n}")
         # shapes MLX passes where the body names them (as Shape, its fixed-size array)
         params += [f"const __grid_constant__ Shape {n}_shape"] * (f"{n}_shape" in body)
+        params += [f"const __grid_constant__ Strides {n}_strides"] * (f"{n}_strides" in body)
         params += [f"const __grid_constant__ int {n}_ndim"] * (f"{n}_ndim" in body)
     params = ", ".join(params + [f"{output[1]}* __restrict__ {output[0]}"])
     values = ", ".join(str(v) for v in template.values())
     return ("#include <cuda_bf16.h>\n#include <cuda/std/cstdint>\n#include <cuda/std/array>\n"
             "using cuda::std::uint32_t;\nusing Shape = cuda::std::array<int32_t, 8>;\n"
+            "using Strides = cuda::std::array<int64_t, 8>;\n"
             + header
             + f"\ntemplate <{', '.join(f'int {k}' for k in template)}>\n"
             f"__global__ void {name}({params}) {{\n{body}\n}}\n"

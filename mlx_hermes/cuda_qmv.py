@@ -211,18 +211,21 @@ DOWN_COMBINE = r"""
 _kernels: dict = {}
 
 
-def _kernel(name: str, inputs: list[str], output: str, source: str, extra_header: str = ""):
+def _kernel(name: str, inputs: list[str], output: str, source: str, extra_header: str = "",
+            contiguous: bool = True):
     """The kernel `name`, made on its first call in a process and looked up by
     name after that (every MoE block calls this each token). MLX caches a
     compiled kernel on disk (/tmp/mlx/<version>/ptx) under its name and
     template values only, so the name given to MLX carries a hash of the
-    source: an edited kernel is never served from an old compile."""
+    source: an edited kernel is never served from an old compile.
+    `contiguous=False`: inputs reach the kernel as they are (views too), and
+    the kernel reads their strides."""
     if name not in _kernels:
         header = HEADER + extra_header
         digest = hashlib.sha1((header + source).encode()).hexdigest()[:10]
         _kernels[name] = mx.fast.cuda_kernel(
             name=f"{name}_{digest}", input_names=inputs, output_names=[output], source=source,
-            header=header)
+            header=header, ensure_row_contiguous=contiguous)
     return _kernels[name]
 
 

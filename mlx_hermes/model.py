@@ -164,11 +164,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, K, S, Dh]
 
-        # mlx-lm's wrapper: mx.fast SDPA, or its quantized path when the cache is quantized.
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = self.attend(q, k, v, mask, cache)  # [B, H, L, Dh]
         if L > 1:
             out = out.transpose(0, 2, 1, 3)  # [B, L, H, Dh]
         return self.o_proj(out.reshape(B, L, -1))  # [B, L, D]
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: Any) -> mx.array:
+        """softmax(q k^T * scale + mask) v: [B, H, L, Dh]. mlx-lm's wrapper:
+        mx.fast SDPA, or its quantized path when the cache is quantized."""
+        return scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
 
     @staticmethod
     def heads(x: mx.array, n: int) -> mx.array:

@@ -10,8 +10,9 @@ side by side, and a checkpoint saved from either is the same):
   experts spread over one CPU stream per core (results bit-identical);
 - on CUDA: the MoE blocks' decoding through fused kernels (cuda_qmv.py for
   one token, cuda_grouped.py for batched steps), the 4-bit linear layers'
-  steps of a few rows through cuda_grouped.py, every quantized linear
-  layer's longer batched steps as one 2-D matrix (MLX's GEMM), and long
+  steps of a few rows through cuda_grouped.py, every other quantized linear
+  layer's batched steps as one 2-D matrix (MLX's GEMM), batched decode
+  steps' attention over the padded batch cache (cuda_attention.py), and long
   prefills through dequantized float experts (dense_prefill.py).
 
 Before that, q/k/v and gate/up are joined into one matrix each (fusion.py):
@@ -29,7 +30,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu, cuda_grouped, cuda_qmv, dense_prefill
+from . import cpu, cuda_attention, cuda_grouped, cuda_qmv, dense_prefill
 from .model import Model
 
 
@@ -38,7 +39,7 @@ class FastPaths:
     """Which fast paths may be installed where they apply."""
 
     cpu_streams: bool = True  # every core of a CPU
-    cuda_kernels: bool = True  # fused decode kernels for the experts (CUDA)
+    cuda_kernels: bool = True  # decode kernels: experts, linear layers, batch attention (CUDA)
     dense_prefill: bool = True  # dequantized experts for long prompts (CUDA)
 
     @classmethod
@@ -77,6 +78,10 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
             if cuda_qmv.applies(layer.block_sparse_moe, dtype):
                 install(layer.block_sparse_moe, cuda_qmv.KernelMoeBlock)
                 installed.append("cuda-kernels")
+        for layer in model.layers:
+            if cuda_attention.applies(layer.self_attn, dtype):
+                install(layer.self_attn, cuda_attention.KernelAttention)
+                installed.append("cuda-attention")
         for _, module in model.named_modules():
             if cuda_grouped.linear_applies(module, dtype):
                 install(module, cuda_grouped.KernelQuantizedLinear)

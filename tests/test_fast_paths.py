@@ -76,7 +76,7 @@ def test_each_fast_path_is_installed_where_it_applies_only(mlx_lm_quantized):
     installed = specialize(model)
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     assert ("dense-prefill" in installed) == on_cuda
-    assert on_cuda or not {"cuda-linear", "cuda-flat-linear"} & set(installed)
+    assert on_cuda or not {"cuda-linear", "cuda-flat-linear", "cuda-attention"} & set(installed)
     multicore_cpu = mx.default_device() == mx.cpu and len(cpu.streams()) > 1
     assert ("cpu-experts" in installed) == multicore_cpu
     if multicore_cpu:
@@ -304,3 +304,45 @@ def test_grouped_kernels_compile_four_variants_at_most():
     assert set(tiles.values()) == {1, 2, 4, 8}
     assert all(8 * t >= n for n, t in tiles.items())
     assert [tiles[n] for n in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 4, 4, 8, 8]
+
+
+@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+                    reason="a CUDA kernel: runs on the GPU machine")
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (12, 4, 64), (6, 6, 32)])
+def test_cuda_batch_attention_equals_masked_sdpa(heads, kv_heads, head_dim):
+    """cuda_attention.attend against MLX's attention with the batch cache's
+    mask, on the cache's own views (not contiguous), for rows whose padding
+    leaves many positions, a few, and one; through KernelAttention too."""
+    from mlx_lm.models.base import create_attention_mask
+    from mlx_lm.models.cache import BatchKVCache
+
+    from mlx_hermes import cuda_attention
+    from mlx_hermes.model import Attention, ModelArgs
+
+    mx.random.seed(heads + head_dim)
+    B, S = 5, 70
+    padding = [0, 3, 69, 40, 1]  # row 2 sees one position: the new token's
+    cache = BatchKVCache(padding)
+    shape = (B, kv_heads, S - 1, head_dim)
+    cache.update_and_fetch(*(mx.random.normal(shape).astype(mx.bfloat16) for _ in range(2)))
+    q = mx.random.normal((B, heads, 1, head_dim)).astype(mx.bfloat16)
+    mask = create_attention_mask(mx.zeros((B, 1, 8)), cache)  # as the model makes it
+    new = (B, kv_heads, 1, head_dim)
+    # views of the cache's 256 positions: not contiguous
+    k, v = cache.update_and_fetch(*(mx.random.normal(new).astype(mx.bfloat16) for _ in range(2)))
+    assert k.shape[2] == S and cache.keys.shape[2] > S
+    want = mx.fast.scaled_dot_product_attention(
+        q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32),
+        scale=head_dim**-0.5, mask=mask)
+    got = cuda_attention.attend(q, k, v, cache.left_padding)
+    assert got.shape == q.shape and got.dtype == mx.bfloat16
+    assert_close(np.array(got.astype(mx.float32)), np.array(want), rel=2e-2)
+
+    args = ModelArgs(hidden_size=heads * head_dim, num_attention_heads=heads,
+                     num_key_value_heads=kv_heads)
+    attention = Attention(args)
+    assert cuda_attention.applies(attention, mx.bfloat16)
+    portable = np.array(attention.attend(q, k, v, mask, cache).astype(mx.float32))
+    install(attention, cuda_attention.KernelAttention)
+    assert_close(np.array(attention.attend(q, k, v, mask, cache).astype(mx.float32)), portable,
+                 rel=2e-2)
