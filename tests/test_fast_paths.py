@@ -196,7 +196,7 @@ def test_cuda_grouped_kernel_equals_gather_qmm(dims, hidden, experts, k, group_s
     """mlx_hermes/cuda_grouped.py's kernels (routing included) against MLX's
     ops for every step size they take, on the same inputs and float32
     router logits: experts with no token, one, and all of them; the steps of
-    a row tile split over 1, 2 (unevenly: 3 steps) and 4 warps (split_for)."""
+    a row tile split over 1, 2 (unevenly: 3 steps) and 8 warps (split_for)."""
     from mlx_hermes import cuda_grouped, cuda_qmv
 
     mx.random.seed(dims + hidden + experts)
@@ -248,8 +248,8 @@ def test_kernel_block_picks_a_path_by_step_size():
 def test_cuda_grouped_linear_equals_quantized_matmul(out_dims, in_dims, group_size):
     """cuda_grouped.KernelQuantizedLinear against MLX's quantized_matmul for
     steps of 1 to MAX_TOKENS rows (and one past, where it hands over); a row
-    tile's steps split over 1, 2 (a last block half empty) and 4 warps (9
-    steps: one warp gets none)."""
+    tile's steps split over 1, 2 (a last block half empty) and 8 warps (9
+    steps: some warps get none)."""
     from mlx_hermes import cuda_grouped
 
     mx.random.seed(out_dims)
