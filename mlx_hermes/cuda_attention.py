@@ -10,7 +10,10 @@ Here one kernel reads each row's keys from its first unpadded position
 (`left_padding`) on, so no mask is needed: a block per (sequence, kv head)
 takes that head's H / KH query heads (grouped-query attention), each warp a
 strided share of the positions with a running (online) softmax in float32,
-the warps' parts combined in shared memory.
+the warps' parts combined in shared memory. (So 2 rows with 8 kv heads use
+16 multiprocessors: few rows over long contexts may run slower than MLX's
+ops; measured so far at 32 rows of ~250 positions only: 38 us a layer
+against ~130.)
 
 `KernelAttention` (installed at load by `specialize`, CUDA only) runs it for
 decode steps of several sequences over a `BatchKVCache`; every other call
