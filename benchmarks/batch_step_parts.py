@@ -14,6 +14,10 @@ it, the host's time to build that step's graph and to dispatch it (until
 async_eval returns), and the MLX ops in it. The whole step against the sum of
 its parts shows the host's share.
 Prints a table and JSON.
+
+Repeated calls of one layer keep its dense weights in L2 (tens of MB), where a
+real step reads every layer's from memory: dense layers time faster here than
+in a step. benchmarks/gpu_timeline.py times each kernel of real steps.
 """
 
 from __future__ import annotations

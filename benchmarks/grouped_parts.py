@@ -12,6 +12,10 @@ ms per call (`--trials` calls queued before one eval, best of 3, as
 grouped_kernel.py), the GB/s of the weights read once, and the error against
 MLX's ops (the whole MoE block for the expert kernels). Prints a table and
 JSON.
+
+Repeated calls of one layer keep its dense weights in L2 (tens of MB), where a
+real step reads every layer's from memory: dense layers time faster here than
+in a step. benchmarks/gpu_timeline.py times each kernel of real steps.
 """
 
 from __future__ import annotations
