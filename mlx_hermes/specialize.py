@@ -78,7 +78,6 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
             if cuda_qmv.applies(layer.block_sparse_moe, dtype):
                 install(layer.block_sparse_moe, cuda_qmv.KernelMoeBlock)
                 installed.append("cuda-kernels")
-        for layer in model.layers:
             if cuda_attention.applies(layer.self_attn, dtype):
                 install(layer.self_attn, cuda_attention.KernelAttention)
                 installed.append("cuda-attention")
