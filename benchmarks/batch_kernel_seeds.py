@@ -29,8 +29,7 @@ from mlx_lm.models.cache import BatchKVCache
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_hermes import cuda_attention, cuda_grouped  # noqa: E402
-from mlx_hermes.moe import _route  # noqa: E402
-from tests.test_fast_paths import _quantized_block  # noqa: E402
+from mlx_hermes.moe import SparseMoeBlock, _route  # noqa: E402
 
 TOLERANCE = 2e-2
 
@@ -42,7 +41,10 @@ def rel_error(got: mx.array, want: mx.array) -> float:
 
 def moe_case(rng: random.Random) -> dict:
     tokens = rng.randint(2, cuda_grouped.MAX_TOKENS)
-    block = _quantized_block(512, 1024, 8, 2, 64)
+    block = SparseMoeBlock(512, 1024, 8, 2)  # 4-bit experts, gate and up fused, as loaded
+    nn.quantize(block.switch_mlp, group_size=64, bits=4)
+    block.set_dtype(mx.bfloat16)
+    block.switch_mlp.fuse()
     x = (mx.random.normal((tokens, 1, 512)) * 0.5).astype(mx.bfloat16)
     logits = mx.random.normal((tokens, 1, 8))
     indices, weights = _route(logits, 2)

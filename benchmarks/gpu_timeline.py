@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--portable", action="store_true", help="MLX's ops only")
     ap.add_argument("--trace", type=Path, default=None, help="keep the Chrome trace here")
     ap.add_argument("--warps", type=int, default=None,
-                    help="measure with cuda_grouped.WARPS set to this")
+                    help="measure with cuda_grouped.WARPS set to this (before any kernel runs)")
     args = ap.parse_args()
     if args.warps is not None:
         cuda_grouped.WARPS = args.warps

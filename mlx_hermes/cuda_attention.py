@@ -134,9 +134,7 @@ def applies(attention: Attention, dtype: mx.Dtype) -> bool:
     """Whether the kernel takes this layer's heads for activations of `dtype`
     (decided once, at load, by specialize)."""
     D = attention.head_dim
-    return (dtype == mx.bfloat16 and D % 32 == 0 and D <= 256
-            and attention.scale == D**-0.5
-            and attention.n_heads % attention.n_kv_heads == 0)
+    return dtype == mx.bfloat16 and D % 32 == 0 and D <= 256 and attention.scale == D**-0.5
 
 
 class KernelAttention(Attention):

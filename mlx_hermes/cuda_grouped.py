@@ -51,6 +51,8 @@ benchmarks/compile_cuda_kernels.py.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -417,12 +419,13 @@ def split_for(row_tiles: int, k: int) -> tuple[int, int]:
     return s, max(1, BLOCK // 32 // s)
 
 
-def _launch(row_tiles: int, k: int) -> dict:
-    """The template values and launch shape for `row_tiles` row tiles."""
+@functools.lru_cache(maxsize=None)
+def _launch(row_tiles: int, k: int) -> tuple:
+    """(template values, grid, threadgroup) for `row_tiles` row tiles of `k`
+    inputs; worked out once per layer shape, not on every decode step."""
     s, rt = split_for(row_tiles, k)
     blocks = (row_tiles + rt - 1) // rt
-    return {"template": [("S", s), ("RT", rt)], "grid": (blocks * rt * s * 32, 1, 1),
-            "threadgroup": (rt * s * 32, 1, 1)}
+    return (("S", s), ("RT", rt)), (blocks * rt * s * 32, 1, 1), (rt * s * 32, 1, 1)
 
 
 def tiles_for(tokens: int) -> int:
@@ -454,12 +457,12 @@ def down(h: mx.array, experts, logits: mx.array, k: int,
     layer = experts.down_proj
     F, T = h.shape[-1], h.shape[0] // k
     E, D = layer.weight.shape[0], layer.weight.shape[-2]
-    launch = _launch(E * (D // 16), F)
+    split, grid, threadgroup = _launch(E * (D // 16), F)
     return _kernel("hermes_grouped_down", ["h", "w", "scales", "biases", "logits"], "y", DOWN)(
         inputs=[h, layer.weight, layer.scales, layer.biases, logits],
         template=[("D", D), ("K", F), ("GS", layer.group_size), ("TILES", tiles_for(T)),
-                  ("KC", k), ("E", E), *launch["template"]],
-        grid=launch["grid"], threadgroup=launch["threadgroup"],
+                  ("KC", k), ("E", E), *split],
+        grid=grid, threadgroup=threadgroup,
         output_shapes=[shape or (T, D)], output_dtypes=[mx.float32], init_value=0)[0]
 
 
@@ -476,12 +479,12 @@ def linear(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
     """layer(x) for 1..MAX_TOKENS rows of bf16 x: [..., K] -> [..., N]."""
     N = layer.weight.shape[0]
     K = x.shape[-1]
-    launch = _launch((N + 15) // 16, K)
+    split, grid, threadgroup = _launch((N + 15) // 16, K)
     y = _kernel("hermes_grouped_linear", ["x", "w", "scales", "biases"], "y", LINEAR)(
         inputs=[x, layer.weight, layer.scales, layer.biases],
         template=[("N", N), ("K", K), ("GS", layer.group_size),
-                  ("TILES", tiles_for(x.size // K)), *launch["template"]],
-        grid=launch["grid"], threadgroup=launch["threadgroup"],
+                  ("TILES", tiles_for(x.size // K)), *split],
+        grid=grid, threadgroup=threadgroup,
         output_shapes=[(*x.shape[:-1], N)], output_dtypes=[mx.bfloat16])[0]
     return y + layer["bias"] if "bias" in layer else y
 
