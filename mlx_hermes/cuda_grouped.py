@@ -3,13 +3,13 @@ once per step for all the tokens routed to it, on tensor cores.
 
 MLX's `gather_qmm` on CUDA reads an expert once per token routed to it
 (one layer's experts for 32 streams: 4.8 ms on an H200, where reading the 8
-experts once takes ~0.3 ms; these kernels: 0.50 ms,
+experts once takes ~0.3 ms; these kernels: 0.46 ms,
 benchmarks/grouped_parts.py), and so do cuda_qmv.py's one-token kernels. Here
 two kernels (`mx.fast.cuda_kernel`) do a MoE block's expert work for 2 to
 MAX_TOKENS tokens:
 
 1. gate_up: a warp takes one expert's 8 gate rows and the matching 8 up rows
-   and every token routed to that expert (in tiles of 8), SwiGLU applied in
+   and every token routed to that expert (in tiles of 8, two at a time), SwiGLU applied in
    registers: h [T*k, F], one row per (token, choice).
 2. down: a warp takes 16 down rows of one expert and its tokens' h rows,
    and adds each product, weighted by the router, into y [T, D] (float32,
@@ -62,6 +62,10 @@ from . import cuda_qmv
 
 # Tokens per call: an expert's tokens are a 64-bit mask, in tiles of 8.
 MAX_TOKENS = 64
+# Steps of 128 inputs whose weights a warp loads before their products
+# (grouped_steps), by kernel: on an H200 at 32 tokens two paid for gate_up
+# (304 -> 297 us) and cost the split kernels (down 165 -> 212 us).
+UNROLL = {"gate_up": 2, "down": 1, "linear": 1}
 # Warps a down or linear call aims for (an H100/H200 has 132 multiprocessors):
 # a layer of few row tiles splits each tile's steps over up to MAX_SPLIT warps
 # (split_for). With one warp per tile, q/k/v for 32 rows (384 row tiles) ran
@@ -188,7 +192,7 @@ __device__ __forceinline__ unsigned int word(uint4 v, int i) {
 // 16 bytes of every tile's activations in two mmas: few registers live at once.
 template <int K, int TILES>
 __device__ __forceinline__ void step_products(const StepWeights& r, const __nv_bfloat16* x,
-                                              const long* xrow, int tiles, int u,
+                                              const int* xrow, int tiles, int u,
                                               float (*acc)[4]) {
     constexpr int KU4 = K / 32;
     #pragma unroll
@@ -201,7 +205,7 @@ __device__ __forceinline__ void step_products(const StepWeights& r, const __nv_b
             if (j < tiles) {  // the same for the whole warp, as mma.sync needs
                 unsigned int xp[4] = {0u, 0u, 0u, 0u};
                 if (xrow[j] >= 0 && u < KU4) {
-                    pair8(reinterpret_cast<const uint4*>(x + xrow[j] * K)[u * 4 + i], xp);
+                    pair8(reinterpret_cast<const uint4*>(x + long(xrow[j]) * K)[u * 4 + i], xp);
                 }
                 mma16816(acc[j], a[0], b[0], a[1], b[1], xp[0], xp[1]);
                 mma16816(acc[j], a[2], b[2], a[3], b[3], xp[2], xp[3]);
@@ -211,17 +215,26 @@ __device__ __forceinline__ void step_products(const StepWeights& r, const __nv_b
 }
 
 // Steps s0 .. s1-1 (of 128 inputs each) of rows ra, rb against every tile of tokens. Thread t
-// takes inputs 32u .. 32u+31, u = 4 step + t. (Loading the next step's weights before this
-// step's products did not pay on an H200, in registers nor through shared memory with
-// cp.async: benchmarks/RESULTS.md.)
-template <int K, int GS, int TILES>
+// takes inputs 32u .. 32u+31, u = 4 step + t. U steps' weights are loaded before any of
+// their products: more bytes in flight a warp (gate_up at 32 tokens, in passes of 2 tiles:
+// 304 -> 297 us on an H200 with U = 2; a prefetch carried over iterations, in registers or
+// through shared memory with cp.async, did not pay: benchmarks/RESULTS.md). A step past s1
+// (the end of an odd slice) reads and adds nothing.
+template <int K, int GS, int TILES, int U>
 __device__ __forceinline__ void grouped_steps(
         const uint32_t* w, const __nv_bfloat16* scales, const __nv_bfloat16* biases,
-        const __nv_bfloat16* x, long ra, long rb, const long* xrow, int tiles, int t,
+        const __nv_bfloat16* x, long ra, long rb, const int* xrow, int tiles, int t,
         int s0, int s1, float (*acc)[4]) {
-    for (int s = s0; s < s1; s++) {
-        step_products<K, TILES>(load_step<K, GS>(w, scales, biases, ra, rb, 4 * s + t), x, xrow,
-                                tiles, 4 * s + t, acc);
+    for (int s = s0; s < s1; s += U) {
+        StepWeights r[U];
+        int u[U];
+        #pragma unroll
+        for (int q = 0; q < U; q++) {
+            u[q] = s + q < s1 ? 4 * (s + q) + t : K;  // K: a word past the row's end, zeros
+            r[q] = load_step<K, GS>(w, scales, biases, ra, rb, u[q]);
+        }
+        #pragma unroll
+        for (int q = 0; q < U; q++) step_products<K, TILES>(r[q], x, xrow, tiles, u[q], acc);
     }
 }
 
@@ -246,7 +259,8 @@ __device__ __forceinline__ Slice slice_of(int wb) {
 
 // The S slices' sums of each row tile added up in shared memory, in a fixed order (so a
 // result does not depend on timing), into the registers of the row tile's slice 0, which
-// returns true; the others return false. Every thread of the block must call it.
+// returns true; the others return false. Every thread of the block must call it, as often
+// (once a pass).
 template <int TILES, int S, int RT>
 __device__ __forceinline__ bool block_sum(float (*acc)[4], const Slice& at, int lane) {
     if (S == 1) return true;
@@ -260,24 +274,32 @@ __device__ __forceinline__ bool block_sum(float (*acc)[4], const Slice& at, int 
         }
     }
     __syncthreads();
-    if (at.part > 0) return false;
-    for (int p = 1; p < S; p++) {
-        const float* theirs = part + ((at.rt * (S - 1) + p - 1) * TILES) * 128 + lane * 4;
-        #pragma unroll
-        for (int j = 0; j < TILES; j++) {
+    if (at.part == 0) {
+        for (int p = 1; p < S; p++) {
+            const float* theirs = part + ((at.rt * (S - 1) + p - 1) * TILES) * 128 + lane * 4;
             #pragma unroll
-            for (int c = 0; c < 4; c++) acc[j][c] += theirs[j * 128 + c];
+            for (int j = 0; j < TILES; j++) {
+                #pragma unroll
+                for (int c = 0; c < 4; c++) acc[j][c] += theirs[j * 128 + c];
+            }
         }
     }
-    return true;
+    __syncthreads();  // read before the next pass writes
+    return at.part == 0;
 }
 
 """
 
 # The number of tokens is read from the logits' shape at run time, so a
-# batch that grows or shrinks does not compile a kernel per size: only TILES
-# (tiles of 8 tokens an expert may have, which sizes the registers) is a
-# compile-time constant, in four steps (tiles_for).
+# batch that grows or shrinks does not compile a kernel per size. A warp takes
+# its expert's tokens in passes of TILES tiles of 8 (1 or 2: tiles_for),
+# reading its weights once a pass: registers sized for 2 tiles, not for the
+# most an expert might get, keep more warps in flight (gate_up at 32 tokens
+# had 71 registers sized for 4 tiles, 63 for 2), and with random top-2 of 8
+# only the busiest experts of a 32-token step have more than 2 tiles. On an
+# H200 (benchmarks/RESULTS.md): gate_up 331 -> 304 us at 32 tokens, 747 -> 461
+# at 64; down 187 -> 165 and 380 -> 253. (Staging a block's x in shared
+# memory, so that its warps read it once, was slower: 368 us at 32 tokens.)
 TOKENS = r"""
     int NT = 1;
     for (int i = 0; i < logits_ndim - 1; i++) NT *= logits_shape[i];
@@ -291,74 +313,81 @@ GATE_UP = TOKENS + r"""
     const int e = wid / (F / 8);
     const int n0 = (wid % (F / 8)) * 8;
     const unsigned long long mine = expert_tokens<E, KC>(logits, NT, e, lane);
-    const int tiles = (__popcll(mine) + 7) / 8;
-    if (tiles == 0) return;
-    long xrow[TILES];
-    #pragma unroll
-    for (int j = 0; j < TILES; j++) xrow[j] = nth_token(mine, 8 * j + g);
+    const int all = (__popcll(mine) + 7) / 8;
     const long gate = long(e) * 2 * F + n0 + g;
-    float acc[TILES][4];
-    #pragma unroll
-    for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    grouped_steps<K, GS, TILES>(w, scales, biases, x, gate, gate + F, xrow, tiles, t, 0,
-                                (K / 32 + 3) / 4, acc);
-    #pragma unroll
-    for (int j = 0; j < TILES; j++) {
+    for (int p = 0; p < all; p += TILES) {  // passes
+        const int tiles = min(TILES, all - p);
+        int xrow[TILES];
         #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const int tok = j < tiles ? nth_token(mine, 8 * j + 2 * t + half) : -1;
-            if (tok >= 0) {
-                float wt;
-                const int c = choice_of<E, KC>(logits, tok, e, &wt);
-                const float vg = acc[j][half], vu = acc[j][2 + half];
-                h[(long(tok) * KC + c) * F + n0 + g] = __float2bfloat16(vg / (1.f + __expf(-vg)) * vu);
+        for (int j = 0; j < TILES; j++) xrow[j] = nth_token(mine, 8 * (p + j) + g);
+        float acc[TILES][4];
+        #pragma unroll
+        for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        grouped_steps<K, GS, TILES, U>(w, scales, biases, x, gate, gate + F, xrow, tiles, t, 0,
+                                    (K / 32 + 3) / 4, acc);
+        #pragma unroll
+        for (int j = 0; j < TILES; j++) {
+            #pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int tok = j < tiles ? nth_token(mine, 8 * (p + j) + 2 * t + half) : -1;
+                if (tok >= 0) {
+                    float wt;
+                    const int c = choice_of<E, KC>(logits, tok, e, &wt);
+                    const float vg = acc[j][half], vu = acc[j][2 + half];
+                    h[(long(tok) * KC + c) * F + n0 + g] =
+                        __float2bfloat16(vg / (1.f + __expf(-vg)) * vu);
+                }
             }
         }
     }
 """
 
-# h [NT*KC, K], w [E, D, K/8], logits [NT, E] -> y [NT, D] float32, zeroed, summed into
+# h [NT*KC, K], w [E, D, K/8], logits [NT, E] -> y [NT, D] float32, zeroed, summed into.
+# Every warp of a block has the same expert (a row tile past the end takes the block's
+# first one's and writes nothing), so all make the same passes, as block_sum needs.
 DOWN = TOKENS + r"""
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const Slice at = slice_of<K, S>(threadIdx.x >> 5);
     const int tile = blockIdx.x * RT + at.rt;  // 16 down rows of one expert
     const bool real = tile < E * (D / 16);
-    const int e = real ? tile / (D / 16) : 0;
+    const int e = (real ? tile : blockIdx.x * RT) / (D / 16);
     const int d0 = (tile % (D / 16)) * 16;
-    const unsigned long long mine = real ? expert_tokens<E, KC>(logits, NT, e, lane) : 0ull;
-    const int tiles = (__popcll(mine) + 7) / 8;
-    long xrow[TILES];
-    #pragma unroll
-    for (int j = 0; j < TILES; j++) {
-        const int tok = nth_token(mine, 8 * j + g);
-        float wt;
-        xrow[j] = tok < 0 ? -1 : long(tok) * KC + choice_of<E, KC>(logits, tok, e, &wt);
-    }
-    const long row = long(e) * D + d0 + g;
-    float acc[TILES][4];
-    #pragma unroll
-    for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    if (tiles > 0) {
-        grouped_steps<K, GS, TILES>(w, scales, biases, h, row, row + 8, xrow, tiles, t, at.s0,
-                                    at.s1, acc);
-    }
-    if (!block_sum<TILES, S, RT>(acc, at, lane) || tiles == 0) return;
-    #pragma unroll
-    for (int j = 0; j < TILES; j++) {
+    const unsigned long long mine = expert_tokens<E, KC>(logits, NT, e, lane);
+    const int all = (__popcll(mine) + 7) / 8;
+    const long row = real ? long(e) * D + d0 + g : long(e) * D + g;
+    for (int p = 0; p < all; p += TILES) {  // passes
+        const int tiles = min(TILES, all - p);
+        int xrow[TILES];
         #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const int tok = j < tiles ? nth_token(mine, 8 * j + 2 * t + half) : -1;
-            if (tok >= 0) {
-                float wt = 0.f;
-                choice_of<E, KC>(logits, tok, e, &wt);
-                atomicAdd(y + long(tok) * D + d0 + g, wt * acc[j][half]);
-                atomicAdd(y + long(tok) * D + d0 + g + 8, wt * acc[j][2 + half]);
+        for (int j = 0; j < TILES; j++) {
+            const int tok = nth_token(mine, 8 * (p + j) + g);
+            float wt;
+            xrow[j] = tok < 0 ? -1 : tok * KC + choice_of<E, KC>(logits, tok, e, &wt);
+        }
+        float acc[TILES][4];
+        #pragma unroll
+        for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        grouped_steps<K, GS, TILES, U>(w, scales, biases, h, row, row + 8, xrow, tiles, t, at.s0,
+                                    at.s1, acc);
+        if (!block_sum<TILES, S, RT>(acc, at, lane) || !real) continue;
+        #pragma unroll
+        for (int j = 0; j < TILES; j++) {
+            #pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int tok = j < tiles ? nth_token(mine, 8 * (p + j) + 2 * t + half) : -1;
+                if (tok >= 0) {
+                    float wt = 0.f;
+                    choice_of<E, KC>(logits, tok, e, &wt);
+                    atomicAdd(y + long(tok) * D + d0 + g, wt * acc[j][half]);
+                    atomicAdd(y + long(tok) * D + d0 + g + 8, wt * acc[j][2 + half]);
+                }
             }
         }
     }
 """
 
-# x [M, K], w [N, K/8], scales/biases [N, K/GS] -> y [M, N]: all M rows are every tile's tokens
+# x [M, K], w [N, K/8], scales/biases [N, K/GS] -> y [M, N]: all M rows are every tile's
+# tokens, in one pass (TILES covers them: linear_tiles)
 LINEAR = r"""
     int M = 1;
     for (int i = 0; i < x_ndim - 1; i++) M *= x_shape[i];
@@ -368,15 +397,15 @@ LINEAR = r"""
     const bool real = tile < (N + 15) / 16;
     const int n0 = real ? tile * 16 : 0;  // rows past N (a last partial tile) read row N-1, written nowhere
     const int tiles = real ? (M + 7) / 8 : 0;
-    long xrow[TILES];
+    int xrow[TILES];
     #pragma unroll
     for (int j = 0; j < TILES; j++) xrow[j] = 8 * j + g < M ? 8 * j + g : -1;
     float acc[TILES][4];
     #pragma unroll
     for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     if (tiles > 0) {
-        grouped_steps<K, GS, TILES>(w, scales, biases, x, min(n0 + g, N - 1),
-                                    min(n0 + g + 8, N - 1), xrow, tiles, t, at.s0, at.s1, acc);
+        grouped_steps<K, GS, TILES, U>(w, scales, biases, x, min(n0 + g, N - 1),
+                                       min(n0 + g + 8, N - 1), xrow, tiles, t, at.s0, at.s1, acc);
     }
     if (!block_sum<TILES, S, RT>(acc, at, lane) || tiles == 0) return;
     #pragma unroll
@@ -420,17 +449,30 @@ def split_for(row_tiles: int, k: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _launch(row_tiles: int, k: int) -> tuple:
+def _launch(row_tiles: int, k: int, per_expert: int = 0) -> tuple:
     """(template values, grid, threadgroup) for `row_tiles` row tiles of `k`
-    inputs; worked out once per layer shape, not on every decode step."""
+    inputs; worked out once per layer shape, not on every decode step. With
+    `per_expert` row tiles an expert, a block's row tiles are one expert's
+    (its warps make the same passes)."""
     s, rt = split_for(row_tiles, k)
+    while per_expert and per_expert % rt:
+        rt //= 2
     blocks = (row_tiles + rt - 1) // rt
     return (("S", s), ("RT", rt)), (blocks * rt * s * 32, 1, 1), (rt * s * 32, 1, 1)
 
 
 def tiles_for(tokens: int) -> int:
-    """The TILES a step of `tokens` compiles with: 1, 2, 4 or 8."""
-    tiles = (tokens + 7) // 8
+    """The TILES (tiles of 8 tokens a pass) the expert kernels compile with
+    for a step of `tokens`: 1 up to 8 tokens, else 2."""
+    return 1 if tokens <= 8 else 2
+
+
+def linear_tiles(rows: int) -> int:
+    """The TILES `linear` compiles with for `rows`: every row in one pass
+    (1, 2, 4 or 8 tiles). Its layers are small, and a second pass over the
+    weights costs a whole pass's latency: the router (one row tile) took 12
+    us a call at 32 rows in one pass, 20 in two (H200)."""
+    tiles = (rows + 7) // 8
     return 1 << (tiles - 1).bit_length()
 
 
@@ -444,7 +486,7 @@ def gate_up(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
                    GATE_UP)(
         inputs=[x, layer.weight, layer.scales, layer.biases, logits],
         template=[("F", F), ("K", D), ("GS", layer.group_size), ("TILES", tiles_for(T)),
-                  ("KC", k), ("E", E)],
+                  ("KC", k), ("E", E), ("U", UNROLL["gate_up"])],
         grid=(E * (F // 8) * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
         output_shapes=[(T * k, F)], output_dtypes=[mx.bfloat16])[0]
 
@@ -457,11 +499,11 @@ def down(h: mx.array, experts, logits: mx.array, k: int,
     layer = experts.down_proj
     F, T = h.shape[-1], h.shape[0] // k
     E, D = layer.weight.shape[0], layer.weight.shape[-2]
-    split, grid, threadgroup = _launch(E * (D // 16), F)
+    split, grid, threadgroup = _launch(E * (D // 16), F, D // 16)
     return _kernel("hermes_grouped_down", ["h", "w", "scales", "biases", "logits"], "y", DOWN)(
         inputs=[h, layer.weight, layer.scales, layer.biases, logits],
         template=[("D", D), ("K", F), ("GS", layer.group_size), ("TILES", tiles_for(T)),
-                  ("KC", k), ("E", E), *split],
+                  ("KC", k), ("E", E), ("U", UNROLL["down"]), *split],
         grid=grid, threadgroup=threadgroup,
         output_shapes=[shape or (T, D)], output_dtypes=[mx.float32], init_value=0)[0]
 
@@ -483,7 +525,8 @@ def linear(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
     y = _kernel("hermes_grouped_linear", ["x", "w", "scales", "biases"], "y", LINEAR)(
         inputs=[x, layer.weight, layer.scales, layer.biases],
         template=[("N", N), ("K", K), ("GS", layer.group_size),
-                  ("TILES", tiles_for(x.size // K)), *split],
+                  ("TILES", linear_tiles(x.size // K)), ("U", UNROLL["linear"]),
+                  *split],
         grid=grid, threadgroup=threadgroup,
         output_shapes=[(*x.shape[:-1], N)], output_dtypes=[mx.bfloat16])[0]
     return y + layer["bias"] if "bias" in layer else y

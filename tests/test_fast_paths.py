@@ -195,15 +195,17 @@ def _quantized_block(dims: int, hidden: int, experts: int, k: int, group_size: i
 def test_cuda_grouped_kernel_equals_gather_qmm(dims, hidden, experts, k, group_size, routing):
     """mlx_hermes/cuda_grouped.py's kernels (routing included) against MLX's
     ops for every step size they take, on the same inputs and float32
-    router logits: experts with no token, one, and all of them; the steps of
-    a row tile split over 1, 2 (unevenly: 3 steps) and 8 warps (split_for)."""
+    router logits: experts with no token, one, and all of them (up to four
+    passes of 2 tiles); the steps of a row tile split over 1, 2 (unevenly: 3
+    steps) and 8 warps (split_for); down blocks kept to one expert (5
+    experts of 160 rows: 10 row tiles each)."""
     from mlx_hermes import cuda_grouped, cuda_qmv
 
     mx.random.seed(dims + hidden + experts)
     block = _quantized_block(dims, hidden, experts, k, group_size)
     assert cuda_qmv.applies(block, mx.bfloat16)
-    # each new tile count compiles two kernels (seconds each, once per machine): every
-    # count for the first shape, two for the others
+    # each shape compiles its kernels (seconds each, once per machine): every count for the
+    # first shape, two for the others
     counts = (2, 3, 8, 9, 31, 33, cuda_grouped.MAX_TOKENS) if dims == 128 else (3, 33)
     for tokens in counts:
         x = (mx.random.normal((tokens, 1, dims)) * 0.5).astype(mx.bfloat16)
@@ -295,15 +297,31 @@ def test_flattened_steps_equal_quantized_matmul(cls, bits):
         np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_kernels_compile_four_variants_at_most():
-    """A batch of any size up to MAX_TOKENS runs one of four compiled
-    variants (tiles of 8 tokens: 1, 2, 4 or 8), each covering its sizes."""
+def test_grouped_launch_keeps_a_block_to_one_expert():
+    """The down kernel's warps of a block make the same passes over one
+    expert's tokens (their shared-memory sums wait on each other), so a
+    block's row tiles never straddle two experts; and a split covers every
+    step with at most MAX_SPLIT warps a tile."""
+    from mlx_hermes import cuda_grouped
+
+    for per_expert, experts, k in [(256, 8, 14336), (10, 5, 96), (6, 4, 1088), (8, 8, 256),
+                                   (4, 4, 1088), (2, 3, 64)]:
+        (split, rt), grid, block = cuda_grouped._launch(per_expert * experts, k, per_expert)
+        s, rt = split[1], rt[1]
+        assert per_expert % rt == 0 and 1 <= s <= cuda_grouped.MAX_SPLIT
+        assert block[0] == rt * s * 32 and grid[0] % block[0] == 0
+        assert grid[0] // 32 >= per_expert * experts * s
+
+
+def test_grouped_kernels_compile_two_variants_at_most():
+    """A batch of any size up to MAX_TOKENS runs one of two compiled
+    variants (passes of 1 or 2 tiles of 8 tokens), so a batch that grows does
+    not compile a kernel per size."""
     from mlx_hermes import cuda_grouped
 
     tiles = {n: cuda_grouped.tiles_for(n) for n in range(1, cuda_grouped.MAX_TOKENS + 1)}
-    assert set(tiles.values()) == {1, 2, 4, 8}
-    assert all(8 * t >= n for n, t in tiles.items())
-    assert [tiles[n] for n in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 4, 4, 8, 8]
+    assert set(tiles.values()) == {1, 2}
+    assert [tiles[n] for n in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 2, 2, 2, 2]
 
 
 @pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
