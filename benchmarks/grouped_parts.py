@@ -6,12 +6,13 @@ step as the model holds it), on x [rows, K], and cuda_grouped.linear.
 CUDA only.
 
     python benchmarks/grouped_parts.py [--tokens 8,32] [--rows 2,4,8,16,32,64]
-        [--trials 50] [--json F]
+        [--trials 50] [--unroll 1,2] [--json F]
 
 ms per call (`--trials` calls queued before one eval, best of 3, as
 grouped_kernel.py), the GB/s of the weights read once, and the error against
-MLX's ops (the whole MoE block for the expert kernels). Prints a table and
-JSON.
+MLX's ops (the whole MoE block for the expert kernels). `--unroll` times the
+expert kernels with each given number of steps' weights loaded together
+(cuda_grouped.UNROLL; default: as shipped). Prints a table and JSON.
 
 Repeated calls of one layer keep its dense weights in L2 (tens of MB), where a
 real step reads every layer's from memory: dense layers time faster here than
@@ -48,8 +49,10 @@ def main() -> None:
     ap.add_argument("--tokens", default="8,32")
     ap.add_argument("--rows", default="2,4,8,16,32,64")
     ap.add_argument("--trials", type=int, default=50)
+    ap.add_argument("--unroll", default="", help="e.g. 1,2: each value for gate_up and down")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    unrolls = [int(u) for u in a.unroll.split(",") if u] or [None]
     if not mx.cuda.is_available():
         sys.exit("error: CUDA only")
     model = prof.synthetic_model("8x7b", 2, 4, dtype=mx.bfloat16)
@@ -76,11 +79,16 @@ def main() -> None:
         err = (mx.abs(cg.moe(x, experts, logits, k).astype(mx.float32) - ref).max()
                / mx.abs(ref).max()).item()
         share = distinct / E  # the experts a step reads
-        report("gate_up", f"{T} tokens", timed(lambda: cg.gate_up(x, experts, logits, k),
-                                               a.trials),
-               gigabytes(experts.gate_up_proj) * share, err)
-        report("down", f"{T} tokens", timed(lambda: cg.down(h, experts, logits, k), a.trials),
-               gigabytes(experts.down_proj) * share, err)
+        shipped = dict(cg.UNROLL)
+        for u in unrolls:
+            if u is not None:
+                cg.UNROLL.update(gate_up=u, down=u)
+            tag = f"{T} tokens" + (f", U {u}" if u is not None else "")
+            report("gate_up", tag, timed(lambda: cg.gate_up(x, experts, logits, k), a.trials),
+                   gigabytes(experts.gate_up_proj) * share, err)
+            report("down", tag, timed(lambda: cg.down(h, experts, logits, k), a.trials),
+                   gigabytes(experts.down_proj) * share, err)
+        cg.UNROLL.update(shipped)
         report("moe", f"{T} tokens", timed(lambda: cg.moe(x, experts, logits, k), a.trials),
                gigabytes(experts) * share, err)
     for name, layer in (("qkv_proj", att.qkv_proj), ("o_proj", att.o_proj),
