@@ -295,7 +295,7 @@ __device__ __forceinline__ bool block_sum(float (*acc)[4], const Slice& at, int 
 # its expert's tokens in passes of TILES tiles of 8 (1 or 2: tiles_for),
 # reading its weights once a pass: registers sized for 2 tiles, not for the
 # most an expert might get, keep more warps in flight (gate_up at 32 tokens
-# had 71 registers sized for 4 tiles, 63 for 2), and with random top-2 of 8
+# had 71 registers sized for 4 tiles, now 66; down 79 -> 63), and with random top-2 of 8
 # only the busiest experts of a 32-token step have more than 2 tiles. On an
 # H200 (benchmarks/RESULTS.md): gate_up 331 -> 304 us at 32 tokens, 747 -> 461
 # at 64; down 187 -> 165 and 380 -> 253. (Staging a block's x in shared
