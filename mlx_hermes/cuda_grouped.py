@@ -294,12 +294,13 @@ __device__ __forceinline__ bool block_sum(float (*acc)[4], const Slice& at, int 
 # batch that grows or shrinks does not compile a kernel per size. A warp takes
 # its expert's tokens in passes of TILES tiles of 8 (1 or 2: tiles_for),
 # reading its weights once a pass: registers sized for 2 tiles, not for the
-# most an expert might get, keep more warps in flight (gate_up at 32 tokens
-# had 71 registers sized for 4 tiles, now 66; down 79 -> 63), and with random top-2 of 8
-# only the busiest experts of a 32-token step have more than 2 tiles. On an
-# H200 (benchmarks/RESULTS.md): gate_up 331 -> 304 us at 32 tokens, 747 -> 461
-# at 64; down 187 -> 165 and 380 -> 253. (Staging a block's x in shared
-# memory, so that its warps read it once, was slower: 368 us at 32 tokens.)
+# most an expert might get, keep more warps in flight (at 32 tokens gate_up
+# had 71 registers sized for 4 tiles, now 66; down 79, now 63), and with
+# random top-2 of 8 only the busiest experts of a 32-token step have more than
+# 2 tiles. On an H200 (benchmarks/RESULTS.md): gate_up 331 -> 304 us at 32
+# tokens, 747 -> 461 at 64; down 187 -> 165 and 380 -> 253. (Staging a block's
+# x in shared memory, so that its warps read it once, was slower: 368 us at 32
+# tokens.)
 TOKENS = r"""
     int NT = 1;
     for (int i = 0; i < logits_ndim - 1; i++) NT *= logits_shape[i];
@@ -324,7 +325,7 @@ GATE_UP = TOKENS + r"""
         #pragma unroll
         for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
         grouped_steps<K, GS, TILES, U>(w, scales, biases, x, gate, gate + F, xrow, tiles, t, 0,
-                                    (K / 32 + 3) / 4, acc);
+                                       (K / 32 + 3) / 4, acc);
         #pragma unroll
         for (int j = 0; j < TILES; j++) {
             #pragma unroll
@@ -344,7 +345,9 @@ GATE_UP = TOKENS + r"""
 
 # h [NT*KC, K], w [E, D, K/8], logits [NT, E] -> y [NT, D] float32, zeroed, summed into.
 # Every warp of a block has the same expert (a row tile past the end takes the block's
-# first one's and writes nothing), so all make the same passes, as block_sum needs.
+# first one's and writes nothing), so all make the same passes, as block_sum needs. (Its
+# `row` would be in range without the test on `real`; with it, down compiles to 63
+# registers, without it to 66.)
 DOWN = TOKENS + r"""
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const Slice at = slice_of<K, S>(threadIdx.x >> 5);
@@ -367,8 +370,8 @@ DOWN = TOKENS + r"""
         float acc[TILES][4];
         #pragma unroll
         for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-        grouped_steps<K, GS, TILES, U>(w, scales, biases, h, row, row + 8, xrow, tiles, t, at.s0,
-                                    at.s1, acc);
+        grouped_steps<K, GS, TILES, U>(w, scales, biases, h, row, row + 8, xrow, tiles, t,
+                                       at.s0, at.s1, acc);
         if (!block_sum<TILES, S, RT>(acc, at, lane) || !real) continue;
         #pragma unroll
         for (int j = 0; j < TILES; j++) {
