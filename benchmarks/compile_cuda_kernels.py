@@ -4,6 +4,7 @@ catches compile errors and shows registers and spills before a device run.
     pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 \
         nvidia-cuda-nvcc-cu12
     python benchmarks/compile_cuda_kernels.py [--arch sm_90]
+        [--sass KERNEL [--set TILES=1 ...]]   # needs: pip install nvidia-cuda-nvdisasm
 
 Each kernel body is wrapped the way `mx.fast.cuda_kernel` wraps it (typed
 input pointers, template arguments as ints) at the 8x7B shapes, compiled
@@ -11,6 +12,12 @@ with NVRTC, and its PTX assembled with ptxas for the resource report. MLX's
 own preamble is not included, so a kernel that passes here can still fail on
 names only MLX defines; it has caught every typo so far, at no device time.
 Prints a table and JSON.
+
+--sass KERNEL disassembles that kernel (nvdisasm) and prints, for each loop
+that runs mma instructions, its instruction count by opcode: what a change
+to the inner loop costs, read here before timing it on a GPU (gate_up's
+loop: 595 -> 424 instructions for two steps of two tiles, 2026-11-28).
+--set NAME=VALUE changes a template argument (e.g. TILES=1).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -106,15 +114,61 @@ def compile_ptx(nvrtc, root: Path, src: str, arch: str) -> tuple[int, str, bytes
     return rc, log.value.decode(errors="replace"), ptx
 
 
+def mma_loops(sass: str) -> list[tuple[int, Counter]]:
+    """Each loop (a branch back to a label) of the disassembly that holds an
+    HMMA: its instructions counted by opcode."""
+    labels, code = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"^\.(L_x_\d+):", line.strip())
+        if label:
+            labels[label.group(1)] = len(code)
+            continue
+        ins = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if ins:
+            code.append(re.sub(r"^@!?U?P\w+\s+", "", ins.group(1).strip()))
+    loops = []
+    for i, ins in enumerate(code):
+        back = re.search(r"BRA `\(\.(L_x_\d+)\)", ins)
+        if back and labels.get(back.group(1), i + 1) <= i:
+            body = code[labels[back.group(1)]:i + 1]
+            if any(b.startswith("HMMA") for b in body):
+                loops.append((len(body), Counter(b.split()[0].split(".")[0] for b in body)))
+    return loops
+
+
+def show_sass(cubin: Path, name: str) -> None:
+    import shutil
+
+    tool = shutil.which("nvdisasm")
+    if tool is None:
+        try:
+            import nvidia.cu13
+
+            tool = str(Path(list(nvidia.cu13.__path__)[0]) / "bin" / "nvdisasm")
+        except ImportError:
+            sys.exit("error: nvdisasm not found: pip install nvidia-cuda-nvdisasm")
+    sass = subprocess.run([tool, "-c", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    for size, ops in sorted(mma_loops(sass), key=lambda loop: loop[0]):
+        top = ", ".join(f"{op} {n}" for op, n in ops.most_common(12))
+        print(f"{name}: a loop of {size} instructions, HMMA {ops['HMMA']}: {top}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--sass", metavar="KERNEL", help="disassemble this kernel's loops")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     a = ap.parse_args()
+    changes = dict(kv.split("=", 1) for kv in a.set)
     root = cuda_root()
     nvrtc = ctypes.CDLL(str(next((root / "cuda_nvrtc" / "lib").glob("libnvrtc.so*"))))
     ptxas = root / "cuda_nvcc" / "bin" / "ptxas"
     rows, failed = [], False
     for name, header, inputs, output, body, template in KERNELS:
+        if a.sass and name != a.sass:
+            continue
+        template = {k: int(changes.get(k, v)) for k, v in template.items()}
         rc, log, ptx = compile_ptx(nvrtc, root, source(name, header, inputs, output, body,
                                                         template), a.arch)
         row = {"kernel": name, "compiled": rc == 0, "registers": None, "spill_bytes": None}
@@ -126,6 +180,8 @@ def main() -> None:
                 (Path(d) / "k.ptx").write_bytes(ptx)
                 info = subprocess.run([str(ptxas), f"-arch={a.arch}", "-v", "k.ptx", "-o",
                                        "k.cubin"], cwd=d, capture_output=True, text=True).stderr
+                if a.sass:
+                    show_sass(Path(d) / "k.cubin", name)
             regs = re.search(r"Used (\d+) registers", info)
             spills = re.findall(r"(\d+) bytes spill", info)
             row["registers"] = int(regs.group(1)) if regs else None

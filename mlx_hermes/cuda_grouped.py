@@ -3,7 +3,7 @@ once per step for all the tokens routed to it, on tensor cores.
 
 MLX's `gather_qmm` on CUDA reads an expert once per token routed to it
 (one layer's experts for 32 streams: 4.8 ms on an H200, where reading the 8
-experts once takes ~0.3 ms; these kernels: 0.46 ms,
+experts once takes ~0.3 ms; these kernels: 0.42 ms,
 benchmarks/grouped_parts.py), and so do cuda_qmv.py's one-token kernels. Here
 two kernels (`mx.fast.cuda_kernel`) do a MoE block's expert work for 2 to
 MAX_TOKENS tokens:
@@ -122,14 +122,24 @@ __device__ __forceinline__ int choice_of(const T* logits, int tok, int e, float*
     return c;
 }
 
+// (a & mask) | magic in one LOP3: with both constants immediates the compiler emits two.
+__device__ __forceinline__ unsigned int and_or(unsigned int a, unsigned int mask,
+                                               unsigned int magic) {
+    unsigned int d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
+    return d;
+}
+
 // One 32-bit word of 8 four-bit codes -> 4 bf16 pairs (code m, code m+4),
-// each scale * q + bias with one rounding.
+// each scale * q + bias with one rounding. (128 is written as bits: built with
+// __floats2bfloat162_rn, the compiler rebuilt it at every use.)
 __device__ __forceinline__ void dequant8(unsigned int q, __nv_bfloat162 s, __nv_bfloat162 b,
                                          unsigned int* out) {
-    const __nv_bfloat162 base = __floats2bfloat162_rn(128.f, 128.f);
+    const unsigned int bits = 0x43004300u;  // 128 in each half
+    const __nv_bfloat162 base = *reinterpret_cast<const __nv_bfloat162*>(&bits);
     #pragma unroll
     for (int m = 0; m < 4; m++) {
-        unsigned int v = ((q >> (4 * m)) & 0x000F000Fu) | 0x43004300u;  // 128 + code
+        unsigned int v = and_or(q >> (4 * m), 0x000F000Fu, bits);  // 128 + code
         const __nv_bfloat162 n = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), base);
         const __nv_bfloat162 w = __hfma2(n, s, b);
         out[m] = *reinterpret_cast<const unsigned int*>(&w);
@@ -187,44 +197,51 @@ __device__ __forceinline__ unsigned int word(uint4 v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// acc[j] += this step's products for every tile j of tokens; xrow[j]: this thread's
-// token row of x in tile j (-1: none). A word (8 codes) of each row at a time, each met by
-// 16 bytes of every tile's activations in two mmas: few registers live at once.
-template <int K, int TILES>
+// acc[j] += this step's products for tiles j < N of tokens; xrow[j]: this thread's token row
+// of x in tile j. With SKIP, -1 means no token: nothing is loaded and xv[j] keeps what it
+// held, for a column that is never written (skipped, not pointed at a row that is there:
+// loading in every lane cost gate_up at 8 tokens, a tile mostly empty, 9% on an H200).
+// A word (8 codes) of each row at a time, each met by 16 bytes of every tile's activations
+// in two mmas: few registers live at once. A step past the row's end (u = K / 32) has zero
+// weights and meets x's last word.
+template <int K, int N, bool SKIP>
 __device__ __forceinline__ void step_products(const StepWeights& r, const __nv_bfloat16* x,
-                                              const int* xrow, int tiles, int u,
+                                              const int* xrow, int u, uint4* xv,
                                               float (*acc)[4]) {
     constexpr int KU4 = K / 32;
+    const int ux = min(u, KU4 - 1);
     #pragma unroll
     for (int i = 0; i < 4; i++) {
         unsigned int a[4], b[4];
         dequant8(word(r.qa, i), r.sa, r.ba, a);
         dequant8(word(r.qb, i), r.sb, r.bb, b);
         #pragma unroll
-        for (int j = 0; j < TILES; j++) {
-            if (j < tiles) {  // the same for the whole warp, as mma.sync needs
-                unsigned int xp[4] = {0u, 0u, 0u, 0u};
-                if (xrow[j] >= 0 && u < KU4) {
-                    pair8(reinterpret_cast<const uint4*>(x + long(xrow[j]) * K)[u * 4 + i], xp);
-                }
-                mma16816(acc[j], a[0], b[0], a[1], b[1], xp[0], xp[1]);
-                mma16816(acc[j], a[2], b[2], a[3], b[3], xp[2], xp[3]);
+        for (int j = 0; j < N; j++) {
+            if (!SKIP || xrow[j] >= 0) {
+                xv[j] = reinterpret_cast<const uint4*>(x + long(xrow[j]) * K)[ux * 4 + i];
             }
+            unsigned int xp[4];
+            pair8(xv[j], xp);
+            mma16816(acc[j], a[0], b[0], a[1], b[1], xp[0], xp[1]);
+            mma16816(acc[j], a[2], b[2], a[3], b[3], xp[2], xp[3]);
         }
     }
 }
 
-// Steps s0 .. s1-1 (of 128 inputs each) of rows ra, rb against every tile of tokens. Thread t
-// takes inputs 32u .. 32u+31, u = 4 step + t. U steps' weights are loaded before any of
-// their products: more bytes in flight a warp (gate_up at 32 tokens, in passes of 2 tiles:
+// Steps s0 .. s1-1 (of 128 inputs each) of rows ra, rb against the first N tiles of tokens.
+// Thread t takes inputs 32u .. 32u+31, u = 4 step + t. U steps' weights are loaded before any
+// of their products: more bytes in flight a warp (gate_up at 32 tokens, in passes of 2 tiles:
 // 304 -> 297 us on an H200 with U = 2; a prefetch carried over iterations, in registers or
 // through shared memory with cp.async, did not pay: benchmarks/RESULTS.md). A step past s1
 // (the end of an odd slice) reads and adds nothing.
-template <int K, int GS, int TILES, int U>
-__device__ __forceinline__ void grouped_steps(
+template <int K, int GS, int N, int U, bool SKIP>
+__device__ __forceinline__ void steps_of(
         const uint32_t* w, const __nv_bfloat16* scales, const __nv_bfloat16* biases,
-        const __nv_bfloat16* x, long ra, long rb, const int* xrow, int tiles, int t,
-        int s0, int s1, float (*acc)[4]) {
+        const __nv_bfloat16* x, long ra, long rb, const int* xrow, int t, int s0, int s1,
+        float (*acc)[4]) {
+    uint4 xv[N];
+    #pragma unroll
+    for (int j = 0; j < N; j++) xv[j] = make_uint4(0u, 0u, 0u, 0u);
     for (int s = s0; s < s1; s += U) {
         StepWeights r[U];
         int u[U];
@@ -234,7 +251,25 @@ __device__ __forceinline__ void grouped_steps(
             r[q] = load_step<K, GS>(w, scales, biases, ra, rb, u[q]);
         }
         #pragma unroll
-        for (int q = 0; q < U; q++) step_products<K, TILES>(r[q], x, xrow, tiles, u[q], acc);
+        for (int q = 0; q < U; q++) step_products<K, N, SKIP>(r[q], x, xrow, u[q], xv, acc);
+    }
+}
+
+// steps_of for `tiles` (<= TILES) tiles, the test on the tile count made once, not per
+// tile and word: a pass of one tile in a two-tile kernel (an expert with 8 tokens or fewer)
+// runs the one-tile loop. LINEAR's TILES (4 or 8) run whole, SKIP off: a tile past its rows
+// reads the last row and is written nowhere. (With the single LOP3 in dequant8, gate_up's
+// loop went from 595 to 424 instructions for two steps of two tiles; the kernels are
+// bit-identical to before, 8-11% faster at 16-64 tokens on an H200: benchmarks/RESULTS.md.)
+template <int K, int GS, int TILES, int U, bool SKIP = true>
+__device__ __forceinline__ void grouped_steps(
+        const uint32_t* w, const __nv_bfloat16* scales, const __nv_bfloat16* biases,
+        const __nv_bfloat16* x, long ra, long rb, const int* xrow, int tiles, int t,
+        int s0, int s1, float (*acc)[4]) {
+    if (TILES == 2 && tiles == 1) {
+        steps_of<K, GS, 1, U, SKIP>(w, scales, biases, x, ra, rb, xrow, t, s0, s1, acc);
+    } else {
+        steps_of<K, GS, TILES, U, SKIP>(w, scales, biases, x, ra, rb, xrow, t, s0, s1, acc);
     }
 }
 
@@ -295,7 +330,8 @@ __device__ __forceinline__ bool block_sum(float (*acc)[4], const Slice& at, int 
 # its expert's tokens in passes of TILES tiles of 8 (1 or 2: tiles_for),
 # reading its weights once a pass: registers sized for 2 tiles, not for the
 # most an expert might get, keep more warps in flight (at 32 tokens gate_up
-# had 71 registers sized for 4 tiles, now 66; down 79, now 63), and with
+# had 71 registers sized for 4 tiles, 66 with 2; down 79, 63; now 72 and 64
+# after grouped_steps' changes, the same warps a multiprocessor), and with
 # random top-2 of 8 only the busiest experts of a 32-token step have more than
 # 2 tiles. On an H200 (benchmarks/RESULTS.md): gate_up 331 -> 304 us at 32
 # tokens, 747 -> 461 at 64; down 187 -> 165 and 380 -> 253. (Staging a block's
@@ -346,7 +382,7 @@ GATE_UP = TOKENS + r"""
 # h [NT*KC, K], w [E, D, K/8], logits [NT, E] -> y [NT, D] float32, zeroed, summed into.
 # Every warp of a block has the same expert (a row tile past the end takes the block's
 # first one's and writes nothing), so all make the same passes, as block_sum needs. (Its
-# `row` would be in range without the test on `real`; with it, down compiles to 63
+# `row` would be in range without the test on `real`; with it, down compiles to 64
 # registers, without it to 66.)
 DOWN = TOKENS + r"""
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -402,13 +438,14 @@ LINEAR = r"""
     const int tiles = real ? (M + 7) / 8 : 0;
     int xrow[TILES];
     #pragma unroll
-    for (int j = 0; j < TILES; j++) xrow[j] = 8 * j + g < M ? 8 * j + g : -1;
+    for (int j = 0; j < TILES; j++) xrow[j] = min(8 * j + g, M - 1);  // no row skipped
     float acc[TILES][4];
     #pragma unroll
     for (int j = 0; j < TILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     if (tiles > 0) {
-        grouped_steps<K, GS, TILES, U>(w, scales, biases, x, min(n0 + g, N - 1),
-                                       min(n0 + g + 8, N - 1), xrow, tiles, t, at.s0, at.s1, acc);
+        grouped_steps<K, GS, TILES, U, false>(w, scales, biases, x, min(n0 + g, N - 1),
+                                              min(n0 + g + 8, N - 1), xrow, tiles, t, at.s0,
+                                              at.s1, acc);
     }
     if (!block_sum<TILES, S, RT>(acc, at, lane) || tiles == 0) return;
     #pragma unroll
