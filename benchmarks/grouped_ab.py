@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from grouped_kernel import _gpu_name, timed  # noqa: E402
+from grouped_kernel import _gpu_name, step_inputs, timed  # noqa: E402
 from mlx_hermes import cuda_grouped as new  # noqa: E402
 from mlx_hermes import profile as prof  # noqa: E402
 
@@ -79,9 +79,7 @@ def main() -> None:
 
     print(f"{'part':<8} {'size':>4} {'base us':>9} {'new us':>9} {'ratio':>6} {'max diff':>9}")
     for T in [int(t) for t in a.tokens.split(",") if t]:
-        mx.random.seed(T)
-        x = (mx.random.normal((T, D)) * 0.5).astype(mx.bfloat16)
-        logits = block.gate(x).astype(mx.float32) + 1e-3 * mx.random.normal((T, E))
+        x, logits = step_inputs(block, T, D, E)
         h = old.gate_up(x, experts, logits, k)
         diff = mx.abs(h.astype(mx.float32) - new.gate_up(x, experts, logits, k)
                       .astype(mx.float32)).max().item()

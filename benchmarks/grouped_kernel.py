@@ -34,6 +34,15 @@ from mlx_hermes import profile as prof  # noqa: E402
 from mlx_hermes.moe import _route  # noqa: E402
 
 
+def step_inputs(block, T: int, D: int, E: int, *lead: int) -> tuple[mx.array, mx.array]:
+    """A step of T tokens of width D for `block` of E experts (shape [T, *lead, D]): bf16
+    activations and float32 router logits, nudged apart so that no two experts tie; seeded
+    by T."""
+    mx.random.seed(T)
+    x = (mx.random.normal((T, *lead, D)) * 0.5).astype(mx.bfloat16)
+    return x, block.gate(x).astype(mx.float32) + 1e-3 * mx.random.normal((T, *lead, E))
+
+
 def portable(block, x, logits):
     indices, weights = _route(logits, block.top_k)
     y = block.switch_mlp(x, indices)
@@ -70,9 +79,7 @@ def main() -> None:
           f"{'grouped ms':>10} {'grouped GB/s':>12} {'err one-token':>13} {'err grouped':>11}",
           flush=True)
     for T in [int(t) for t in a.tokens.split(",")]:
-        mx.random.seed(T)
-        x = (mx.random.normal((T, 1, D)) * 0.5).astype(mx.bfloat16)
-        logits = block.gate(x).astype(mx.float32) + 1e-3 * mx.random.normal((T, 1, E))
+        x, logits = step_inputs(block, T, D, E, 1)
         distinct = len(set(mx.argpartition(-logits, k - 1, axis=-1)[..., :k].flatten().tolist()))
         ref = portable(block, x, logits).astype(mx.float32)
         scale = mx.abs(ref).max().item()

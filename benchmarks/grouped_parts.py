@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grouped_kernel import _gpu_name, portable, timed  # noqa: E402
+from grouped_kernel import _gpu_name, portable, step_inputs, timed  # noqa: E402
 from mlx_hermes import cuda_grouped as cg  # noqa: E402
 from mlx_hermes import profile as prof  # noqa: E402
 
@@ -69,9 +69,7 @@ def main() -> None:
               f"err {err:.1e}", flush=True)
 
     for T in [int(t) for t in a.tokens.split(",") if t]:
-        mx.random.seed(T)
-        x = (mx.random.normal((T, D)) * 0.5).astype(mx.bfloat16)
-        logits = block.gate(x).astype(mx.float32) + 1e-3 * mx.random.normal((T, E))
+        x, logits = step_inputs(block, T, D, E)
         distinct = len(set(mx.argpartition(-logits, k - 1, axis=-1)[..., :k].flatten().tolist()))
         ref = portable(block, x, logits).astype(mx.float32)
         h = cg.gate_up(x, experts, logits, k)
