@@ -329,9 +329,9 @@ __device__ __forceinline__ bool block_sum(float (*acc)[4], const Slice& at, int 
 # batch that grows or shrinks does not compile a kernel per size. A warp takes
 # its expert's tokens in passes of TILES tiles of 8 (1 or 2: tiles_for),
 # reading its weights once a pass: registers sized for 2 tiles, not for the
-# most an expert might get, keep more warps in flight (at 32 tokens gate_up
-# had 71 registers sized for 4 tiles, 66 with 2; down 79, 63; now 72 and 64
-# after grouped_steps' changes, the same warps a multiprocessor), and with
+# most an expert might get, keep more warps in flight (at 32 tokens, sized
+# for 4 tiles, gate_up took 71 registers and down 79; for 2 they take 72 and
+# 64, registers being allocated in eights), and with
 # random top-2 of 8 only the busiest experts of a 32-token step have more than
 # 2 tiles. On an H200 (benchmarks/RESULTS.md): gate_up 331 -> 304 us at 32
 # tokens, 747 -> 461 at 64; down 187 -> 165 and 380 -> 253. (Staging a block's
