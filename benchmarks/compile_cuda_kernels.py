@@ -1,4 +1,4 @@
-"""Compile mlx_hermes/cuda_qmv.py's, cuda_grouped.py's and cuda_attention.py's kernels for Hopper on any machine, no GPU:
+"""Compile mlx_hermes/cuda_*.py's kernels for Hopper on any machine, no GPU:
 catches compile errors and shows registers and spills before a device run.
 
     pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 \
@@ -34,34 +34,40 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_hermes import cuda_attention, cuda_grouped, cuda_qmv  # noqa: E402
+from mlx_hermes import cuda_attention, cuda_grouped, cuda_layer, cuda_qmv  # noqa: E402
 
 BF16, U32, F32, I32 = "__nv_bfloat16", "uint32_t", "float", "int32_t"
 QMV, GROUPED = cuda_qmv.HEADER, cuda_qmv.HEADER + cuda_grouped.HEADER
-# name, header, inputs with their types, output and its type, body, template arguments
+# name, header, inputs with their types, outputs with theirs, body, template arguments
 # (8x7B, 4-bit, group 64; the grouped kernels at 32 streams)
 KERNELS = [
     ("gate_up_swiglu", QMV, [("x", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
-                             ("logits", BF16)], ("h", BF16), cuda_qmv.GATE_UP_SWIGLU,
+                             ("logits", BF16)], [("h", BF16)], cuda_qmv.GATE_UP_SWIGLU,
      {"F": 14336, "K": 4096, "GS": 64, "NC": 2, "KC": 2, "E": 8, "R": cuda_qmv.GATE_UP_ROWS}),
     ("down_combine", QMV, [("h", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
-                           ("logits", BF16)], ("y", BF16), cuda_qmv.DOWN_COMBINE,
-     {"D": 4096, "K": 14336, "GS": 64, "NT": 1, "KC": 2, "E": 8, "R": cuda_qmv.DOWN_ROWS}),
+                           ("logits", BF16), ("res", BF16)], [("y", BF16)],
+     cuda_qmv.DOWN_COMBINE,
+     {"D": 4096, "K": 14336, "GS": 64, "NT": 1, "KC": 2, "E": 8, "R": cuda_qmv.DOWN_ROWS,
+      "RES": True}),
     ("grouped_gate_up", GROUPED, [("x", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
-                                  ("logits", BF16)], ("h", BF16), cuda_grouped.GATE_UP,
+                                  ("logits", BF16)], [("h", BF16)], cuda_grouped.GATE_UP,
      {"F": 14336, "K": 4096, "GS": 64, "TILES": 2, "KC": 2, "E": 8,
       "U": cuda_grouped.UNROLL["gate_up"]}),
     ("grouped_down", GROUPED, [("h", BF16), ("w", U32), ("scales", BF16), ("biases", BF16),
-                               ("logits", BF16)], ("y", F32), cuda_grouped.DOWN,
+                               ("logits", BF16)], [("y", F32)], cuda_grouped.DOWN,
      {"D": 4096, "K": 14336, "GS": 64, "TILES": 2, "KC": 2, "E": 8, "S": 4, "RT": 1,
       "U": cuda_grouped.UNROLL["down"]}),
+    ("grouped_combine", GROUPED, [("p", F32), ("res", BF16)], [("y", BF16)],
+     cuda_grouped.COMBINE, {"D": 4096, "KC": 2, "RES": True}),
     ("grouped_linear", GROUPED, [("x", BF16), ("w", U32), ("scales", BF16), ("biases", BF16)],
-     ("y", BF16), cuda_grouped.LINEAR,
+     [("y", BF16)], cuda_grouped.LINEAR,
      {"N": 6144, "K": 4096, "GS": 64, "TILES": 4, "S": 8, "RT": 1,
       "U": cuda_grouped.UNROLL["linear"]}),
     ("batch_attend", cuda_qmv.HEADER, [("q", BF16), ("k", BF16), ("v", BF16), ("lp", I32)],
-     ("o", BF16), cuda_attention.ATTEND,
+     [("o", BF16)], cuda_attention.ATTEND,
      {"H": 32, "KH": 8, "DH": 128, "NW": cuda_attention.WARPS}),
+    ("add_rms_norm", cuda_qmv.HEADER, [("x", BF16), ("a", BF16), ("w", BF16)],
+     [("h", BF16), ("n", BF16)], cuda_layer.ADD_RMS_NORM, {"D": 4096, "EPS": 925353388}),
 ]
 
 
@@ -74,7 +80,7 @@ def cuda_root() -> Path:
     return Path(list(nvidia.cuda_nvrtc.__path__)[0]).parent
 
 
-def source(name: str, header: str, inputs: list, output: tuple, body: str,
+def source(name: str, header: str, inputs: list, outputs: list, body: str,
            template: dict) -> str:
     params = []
     for n, t in inputs:
@@ -83,8 +89,8 @@ def source(name: str, header: str, inputs: list, output: tuple, body: str,
         params += [f"const __grid_constant__ Shape {n}_shape"] * (f"{n}_shape" in body)
         params += [f"const __grid_constant__ Strides {n}_strides"] * (f"{n}_strides" in body)
         params += [f"const __grid_constant__ int {n}_ndim"] * (f"{n}_ndim" in body)
-    params = ", ".join(params + [f"{output[1]}* __restrict__ {output[0]}"])
-    values = ", ".join(str(v) for v in template.values())
+    params = ", ".join(params + [f"{t}* __restrict__ {n}" for n, t in outputs])
+    values = ", ".join(str(int(v)) for v in template.values())
     return ("#include <cuda_bf16.h>\n#include <cuda/std/cstdint>\n#include <cuda/std/array>\n"
             "using cuda::std::uint32_t;\nusing Shape = cuda::std::array<int32_t, 8>;\n"
             "using Strides = cuda::std::array<int64_t, 8>;\n"
@@ -165,11 +171,11 @@ def main() -> None:
     nvrtc = ctypes.CDLL(str(next((root / "cuda_nvrtc" / "lib").glob("libnvrtc.so*"))))
     ptxas = root / "cuda_nvcc" / "bin" / "ptxas"
     rows, failed = [], False
-    for name, header, inputs, output, body, template in KERNELS:
+    for name, header, inputs, outputs, body, template in KERNELS:
         if a.sass and name != a.sass:
             continue
         template = {k: int(changes.get(k, v)) for k, v in template.items()}
-        rc, log, ptx = compile_ptx(nvrtc, root, source(name, header, inputs, output, body,
+        rc, log, ptx = compile_ptx(nvrtc, root, source(name, header, inputs, outputs, body,
                                                         template), a.arch)
         row = {"kernel": name, "compiled": rc == 0, "registers": None, "spill_bytes": None}
         if rc != 0:

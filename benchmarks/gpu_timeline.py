@@ -10,7 +10,10 @@ Builds the synthetic 8x7B (random 4-bit g64 weights, this machine's fast
 paths), starts `--streams` sequences of a 128-token prompt in the batching
 engine, lets them all decode, then traces `--steps` steps. Prints, per step:
 the wall time, the GPU's busy time (the union of kernel intervals), the
-kernels launched, and the kernels by name (total and per-step time), then
+kernels launched, the kernels by name (total and per-step time), the GPU's
+idle gaps between kernels by length (and the longest, with the kernels
+around them), the host's phases of two steps (the engine's step, the
+graph built, MLX's async_eval and eval) beside the GPU's idle gaps, then
 JSON. A step's wall time well above its busy time means the GPU waits on the
 host; busy time near wall time means kernel time is what to cut.
 
@@ -20,6 +23,7 @@ CUDA only (needs torch with CUDA beside MLX's CUDA build).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -54,6 +58,64 @@ def busy_us(kernels: list[dict]) -> float:
         total += e - max(s, end)
         end = e
     return total
+
+
+def gaps_of(kernels: list[dict]) -> list[tuple[float, str, str, float]]:
+    """The GPU's idle gaps between one kernel's end and the next start, us,
+    with the kernels on either side and the gap's start."""
+    spans = sorted(kernels, key=lambda k: k["ts"])
+    out, end, last = [], None, ""
+    for k in spans:
+        if end is not None and k["ts"] > end:
+            out.append((k["ts"] - end, last, short(k["name"]), end))
+        if end is None or k["ts"] + k["dur"] > end:
+            end, last = k["ts"] + k["dur"], short(k["name"])
+    return out
+
+
+GAP_BUCKETS = (2, 5, 10, 50, 1e9)  # us
+HOST = {"step": "Batcher.step", "graph": "the model's graph built (Python)",
+        "async_eval": "mx.async_eval: the next step encoded and launched",
+        "eval": "mx.eval: waiting for this step's tokens"}
+
+
+@contextlib.contextmanager
+def host_phases(model):
+    """The host's phases of a step as profiler ranges (HOST): the batching
+    engine's step, the model's graph built, MLX's async_eval and eval."""
+    from torch.profiler import record_function
+
+    def wrapped(fn, label):
+        def phase(*args, **kwargs):
+            with record_function(label):
+                return fn(*args, **kwargs)
+        return phase
+
+    patches = [(Batcher, "step"), (type(model), "__call__"), (mx, "async_eval"), (mx, "eval")]
+    saved = [getattr(owner, name) for owner, name in patches]
+    for (owner, name), fn, label in zip(patches, saved, HOST):
+        setattr(owner, name, wrapped(fn, label))
+    try:
+        yield
+    finally:
+        for (owner, name), fn in zip(patches, saved):
+            setattr(owner, name, fn)
+
+
+def host_timeline(trace: dict, gaps: list, first: int = 3, steps: int = 2) -> list[str]:
+    """Lines for `steps` steps from step `first`: the host's phases and the
+    GPU's idle gaps of 50 us or more, in ms from the first step's start."""
+    ranges = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in trace["traceEvents"]
+                    if e.get("cat") == "user_annotation" and e.get("name") in HOST)
+    starts = [r for r in ranges if r[2] == "step"]
+    if len(starts) < first + steps:
+        return []
+    t0, t1 = starts[first][0], starts[first + steps - 1][1]
+    rows = [(a, b, f"host {name:10} {HOST[name]}") for a, b, name in ranges if t0 <= a <= t1]
+    rows += [(at, at + g, f"GPU idle       after {before[:30]}, before {after[:30]}")
+             for g, before, after, at in gaps if g >= 50 and t0 <= at <= t1]
+    return [f"  {(a - t0) / 1e3:8.3f} - {(b - t0) / 1e3:8.3f} ms  {what}" for a, b, what in
+            sorted(rows)]
 
 
 def short(name: str) -> str:
@@ -135,7 +197,8 @@ def main() -> None:
     while full < 8:
         full = full + 1 if len(batcher.step()) == args.streams else 0
     walls = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+    with host_phases(model), profile(activities=[ProfilerActivity.CPU,
+                                                 ProfilerActivity.CUDA]) as p:
         for _ in range(args.steps):
             t = time.perf_counter()
             n = len(batcher.step())
@@ -172,6 +235,23 @@ def main() -> None:
     for name, durs in rows[:30]:
         print(f"{name:72} {len(durs) / steps:7.1f} {sum(durs) / steps:8.3f} "
               f"{1e3 * sum(durs) / len(durs):8.1f}")
+    gaps = gaps_of(kernels)
+    buckets = {b: [0, 0.0] for b in GAP_BUCKETS}
+    for g, *_ in gaps:
+        b = next(b for b in GAP_BUCKETS if g < b)
+        buckets[b][0] += 1
+        buckets[b][1] += g
+    low = 0
+    print("GPU idle between kernels, per step (gaps by length):")
+    for b, (n, total) in buckets.items():
+        label = f">= {low} us" if b == 1e9 else f"{low}-{b} us"
+        print(f"  {label:12} {n / steps:7.1f} gaps {total / steps / 1e3:7.3f} ms")
+        low = b
+    print("longest gaps (us, after -> before):")
+    for g, before, after, _ in sorted(gaps, reverse=True)[:6]:
+        print(f"  {g:8.1f}  {before[:40]} -> {after[:40]}")
+    print("two steps, the host's phases and the GPU's idle gaps:")
+    print("\n".join(host_timeline(trace, gaps)))
     print("host CUDA API calls (ms per step):")
     for name, ms in sorted(launches.items(), key=lambda kv: -kv[1])[:8]:
         print(f"  {name:50} {ms / steps:8.3f}")
@@ -183,6 +263,7 @@ def main() -> None:
         "path": "portable" if args.portable else "fast paths", "steps": steps,
         "wall_ms": wall / steps, "span_ms": span / steps, "busy_ms": busy / steps,
         "kernels_per_step": len(kernels) / steps,
+        "gaps": {str(b): [n / steps, total / steps / 1e3] for b, (n, total) in buckets.items()},
         "top": {n: [len(d) / steps, sum(d) / steps] for n, d in rows[:30]},
         "host_api_ms": {n: ms / steps for n, ms in launches.items()},
     }))

@@ -2,13 +2,14 @@
 on the same weights in one process, alternating: is a kernel change faster,
 and are its results the same? CUDA only.
 
-    python benchmarks/grouped_ab.py [--base HEAD] [--tokens 8,16,32,64]
+    python benchmarks/grouped_ab.py [--base HEAD | --base FILE] [--tokens 8,16,32,64]
         [--rows 8,32] [--rounds 3] [--trials 30] [--json F]
 
 The base revision's module is loaded under another name, its kernels renamed
 (MLX caches a compiled kernel by its name). For each step size: the largest
-difference between the two versions' outputs (gate_up's h, down's y; each
-dense 4-bit layer of the 8x7B shapes at `--rows`), and us a call (`timed`:
+difference between the two versions' outputs (gate_up's h; the block's
+output from h: down, then combine or a cast; each dense 4-bit layer of the
+8x7B shapes at `--rows`), and us a call (`timed`:
 `--trials` calls queued, best of 3), medians of `--rounds` alternating
 rounds. Prints a table and JSON.
 """
@@ -36,15 +37,30 @@ from mlx_hermes import profile as prof  # noqa: E402
 
 
 def base_module(rev: str):
-    """mlx_hermes/cuda_grouped.py as of `rev`, its kernels renamed."""
-    source = subprocess.run(["git", "show", f"{rev}:mlx_hermes/cuda_grouped.py"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
+    """mlx_hermes/cuda_grouped.py as of `rev` (a git revision, or a file: the
+    GPU machine gets the working tree without its history), its kernels
+    renamed."""
+    if Path(rev).is_file():
+        source = Path(rev).read_text()
+    else:
+        source = subprocess.run(["git", "show", f"{rev}:mlx_hermes/cuda_grouped.py"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout
     source = source.replace('"hermes_grouped_', '"hermes_base_grouped_')
     spec = importlib.util.spec_from_loader("mlx_hermes._grouped_base", loader=None)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "mlx_hermes"
     exec(compile(source, f"{rev}:cuda_grouped.py", "exec"), module.__dict__)
     return module
+
+
+def block_end(module, h: mx.array, experts, logits: mx.array, k: int) -> mx.array:
+    """A revision's MoE block from h to its bf16 output [T, D]: down, then
+    combine (from 2026-11-28; before, down summed into float32 and a cast
+    followed)."""
+    T, D = h.shape[0] // k, experts.down_proj.weight.shape[-2]
+    if hasattr(module, "combine"):
+        return module.combine(module.down(h, experts, logits, k), k, (T, D))
+    return module.down(h, experts, logits, k).astype(mx.bfloat16)
 
 
 def main() -> None:
@@ -85,10 +101,10 @@ def main() -> None:
                       .astype(mx.float32)).max().item()
         compare("gate_up", T, {"base": lambda: old.gate_up(x, experts, logits, k),
                                "new": lambda: new.gate_up(x, experts, logits, k)}, diff)
-        diff = mx.abs(old.down(h, experts, logits, k) - new.down(h, experts, logits, k)
-                      ).max().item()
-        compare("down", T, {"base": lambda: old.down(h, experts, logits, k),
-                            "new": lambda: new.down(h, experts, logits, k)}, diff)
+        diff = mx.abs(block_end(old, h, experts, logits, k).astype(mx.float32)
+                      - block_end(new, h, experts, logits, k).astype(mx.float32)).max().item()
+        compare("down", T, {"base": lambda: block_end(old, h, experts, logits, k),
+                            "new": lambda: block_end(new, h, experts, logits, k)}, diff)
     for name, layer in (("qkv", att.qkv_proj), ("o", att.o_proj), ("router", block.gate),
                         ("lm_head", model.lm_head)):
         K = layer.weight.shape[1] * 8

@@ -1,5 +1,5 @@
 """cuda_grouped.py's kernels in parts, at 8x7B shapes, 4-bit g64: the two
-expert kernels (gate_up, down) and the whole MoE block for a step of T
+expert kernels (gate_up; down with combine) and the whole MoE block for a step of T
 tokens, and each dense 4-bit layer (q/k/v, o, the LM head) by the rows in a
 step, three ways: MLX's quantized_matmul on x [rows, 1, K] (a batched decode
 step as the model holds it), on x [rows, K], and cuda_grouped.linear.
@@ -84,7 +84,8 @@ def main() -> None:
             tag = f"{T} tokens" + (f", U {u}" if u is not None else "")
             report("gate_up", tag, timed(lambda: cg.gate_up(x, experts, logits, k), a.trials),
                    gigabytes(experts.gate_up_proj) * share, err)
-            report("down", tag, timed(lambda: cg.down(h, experts, logits, k), a.trials),
+            report("down", tag, timed(lambda: cg.combine(cg.down(h, experts, logits, k), k,
+                                                          (T, D)), a.trials),
                    gigabytes(experts.down_proj) * share, err)
         cg.UNROLL.update(shipped)
         report("moe", f"{T} tokens", timed(lambda: cg.moe(x, experts, logits, k), a.trials),

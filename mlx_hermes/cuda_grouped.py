@@ -5,15 +5,21 @@ MLX's `gather_qmm` on CUDA reads an expert once per token routed to it
 (one layer's experts for 32 streams: 4.8 ms on an H200, where reading the 8
 experts once takes ~0.3 ms; these kernels: 0.42 ms,
 benchmarks/grouped_parts.py), and so do cuda_qmv.py's one-token kernels. Here
-two kernels (`mx.fast.cuda_kernel`) do a MoE block's expert work for 2 to
+three kernels (`mx.fast.cuda_kernel`) do a MoE block's expert work for 2 to
 MAX_TOKENS tokens:
 
 1. gate_up: a warp takes one expert's 8 gate rows and the matching 8 up rows
    and every token routed to that expert (in tiles of 8, two at a time), SwiGLU applied in
    registers: h [T*k, F], one row per (token, choice).
 2. down: a warp takes 16 down rows of one expert and its tokens' h rows,
-   and adds each product, weighted by the router, into y [T, D] (float32,
-   atomically: with k = 2 the sum 0 + a + b is the same in either order).
+   and writes each product, weighted by the router, to its (token, choice)
+   row of p [T*k, D] (float32; every element written once, so p needs no
+   zero fill).
+3. combine: each token's k rows of p summed in a fixed order, rounded to
+   bf16 and, in a decoder layer, added to the residual stream: the sum, the
+   cast and the residual add in one op (they were a fill, two ops and
+   atomics; every op costs the host time, and a batched step on an H200 is
+   bound by the host: cuda_layer.py).
 
 Each warp finds its expert's tokens itself: lane i picks token i's top k
 from the router's logits (cuda_qmv.top_k) and a ballot gives the expert's
@@ -379,7 +385,8 @@ GATE_UP = TOKENS + r"""
     }
 """
 
-# h [NT*KC, K], w [E, D, K/8], logits [NT, E] -> y [NT, D] float32, zeroed, summed into.
+# h [NT*KC, K], w [E, D, K/8], logits [NT, E] -> y [NT*KC, D] float32: each (token, choice)'s
+# product weighted by the router, every element written once (combine sums them).
 # Every warp of a block has the same expert (a row tile past the end takes the block's
 # first one's and writes nothing), so all make the same passes, as block_sum needs. (Its
 # `row` would be in range without the test on `real`; with it, down compiles to 64
@@ -416,12 +423,38 @@ DOWN = TOKENS + r"""
                 const int tok = j < tiles ? nth_token(mine, 8 * (p + j) + 2 * t + half) : -1;
                 if (tok >= 0) {
                     float wt = 0.f;
-                    choice_of<E, KC>(logits, tok, e, &wt);
-                    atomicAdd(y + long(tok) * D + d0 + g, wt * acc[j][half]);
-                    atomicAdd(y + long(tok) * D + d0 + g + 8, wt * acc[j][2 + half]);
+                    const int c = choice_of<E, KC>(logits, tok, e, &wt);
+                    float* out = y + (long(tok) * KC + c) * D + d0 + g;
+                    out[0] = wt * acc[j][half];
+                    out[8] = wt * acc[j][2 + half];
                 }
             }
         }
+    }
+"""
+
+# p [NT*KC, D] float32, res [NT, D] -> y [NT, D]: bf16(res + bf16(p's KC rows summed in order)),
+# rounded as the ops it replaces (a sum cast to bf16, then a bf16 add) would; RES 0: no res
+# (then res is any bf16 array, unread). 4 outputs a thread.
+COMBINE = r"""
+    const long i = (long(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+    if (i >= long(p_shape[0] / KC) * D) return;
+    const long t = i / D, d = i % D;
+    float4 s = *reinterpret_cast<const float4*>(p + t * KC * D + d);
+    #pragma unroll
+    for (int c = 1; c < KC; c++) {
+        const float4 v = *reinterpret_cast<const float4*>(p + (t * KC + c) * D + d);
+        s.x += v.x;
+        s.y += v.y;
+        s.z += v.z;
+        s.w += v.w;
+    }
+    const float sums[4] = {s.x, s.y, s.z, s.w};
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float v = __bfloat162float(__float2bfloat16(sums[j]));
+        if (RES) v += __bfloat162float(res[i + j]);
+        y[i + j] = __float2bfloat16(v);
     }
 """
 
@@ -531,11 +564,9 @@ def gate_up(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
         output_shapes=[(T * k, F)], output_dtypes=[mx.bfloat16])[0]
 
 
-def down(h: mx.array, experts, logits: mx.array, k: int,
-         shape: tuple[int, ...] | None = None) -> mx.array:
-    """Each token's experts' down projections, weighted by the router and
-    summed: h [T*k, F] -> float32 of `shape` (the tokens' own, [..., D];
-    default [T, D])."""
+def down(h: mx.array, experts, logits: mx.array, k: int) -> mx.array:
+    """Each token's experts' down projections, weighted by the router:
+    h [T*k, F] -> p [T*k, D] float32 (a token's k rows: `combine`)."""
     layer = experts.down_proj
     F, T = h.shape[-1], h.shape[0] // k
     E, D = layer.weight.shape[0], layer.weight.shape[-2]
@@ -545,16 +576,30 @@ def down(h: mx.array, experts, logits: mx.array, k: int,
         template=[("D", D), ("K", F), ("GS", layer.group_size), ("TILES", tiles_for(T)),
                   ("KC", k), ("E", E), ("U", UNROLL["down"]), *split],
         grid=grid, threadgroup=threadgroup,
-        output_shapes=[shape or (T, D)], output_dtypes=[mx.float32], init_value=0)[0]
+        output_shapes=[(T * k, D)], output_dtypes=[mx.float32])[0]
 
 
-def moe(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
+def combine(p: mx.array, k: int, shape: tuple[int, ...],
+            residual: mx.array | None = None) -> mx.array:
+    """p [T*k, D] float32 -> bf16 `shape` [..., D]: each token's k rows
+    summed, plus `residual` (bf16, `shape`) if given."""
+    D = p.shape[-1]
+    return _kernel("hermes_grouped_combine", ["p", "res"], "y", COMBINE)(
+        inputs=[p, p if residual is None else residual],
+        template=[("D", D), ("KC", k), ("RES", residual is not None)],
+        grid=(p.size // k // 4, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[shape], output_dtypes=[mx.bfloat16])[0]
+
+
+def moe(x: mx.array, experts, logits: mx.array, k: int,
+        residual: mx.array | None = None) -> mx.array:
     """The MoE block's output for 2..MAX_TOKENS tokens and the router's
-    `logits` [..., E]: x [..., D] -> [..., D] (see cuda_qmv.moe). The kernels
+    `logits` [..., E]: x [..., D] -> [..., D] (see cuda_qmv.moe), plus
+    `residual` (a decoder layer's stream, x's shape) if given. The kernels
     take any leading shape (they count tokens from the logits' shape): no
     reshape ops on the decode path."""
     h = gate_up(x, experts, logits, k)
-    return down(h, experts, logits, k, x.shape).astype(x.dtype)
+    return combine(down(h, experts, logits, k), k, x.shape, residual)
 
 
 def linear(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:

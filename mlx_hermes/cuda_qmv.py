@@ -167,7 +167,8 @@ GATE_UP_SWIGLU = r"""
     }
 """
 
-# h [T*KC, K], w [E, D, K/8], logits [T, E] -> y [T, D]
+# h [T*KC, K], w [E, D, K/8], logits [T, E], res [T, D] -> y [T, D]: the weighted sum rounded
+# to bf16, plus res as a bf16 add would (RES 0: res is unread)
 DOWN_COMBINE = r"""
     constexpr int KU4 = K / 32;
     constexpr int G = K / GS;
@@ -203,7 +204,8 @@ DOWN_COMBINE = r"""
     }
     #pragma unroll
     for (int r = 0; r < R; r++) {
-        const float v = warp_sum(out[r]);
+        float v = __bfloat162float(__float2bfloat16(warp_sum(out[r])));
+        if (RES) v += __bfloat162float(res[row0 + r]);
         if (lane == 0) y[row0 + r] = __float2bfloat16(v);
     }
 """
@@ -211,8 +213,8 @@ DOWN_COMBINE = r"""
 _kernels: dict = {}
 
 
-def _kernel(name: str, inputs: list[str], output: str, source: str, extra_header: str = "",
-            contiguous: bool = True):
+def _kernel(name: str, inputs: list[str], output: str | list[str], source: str,
+            extra_header: str = "", contiguous: bool = True):
     """The kernel `name`, made on its first call in a process and looked up by
     name after that (every MoE block calls this each token). MLX caches a
     compiled kernel on disk (/tmp/mlx/<version>/ptx) under its name and
@@ -224,7 +226,8 @@ def _kernel(name: str, inputs: list[str], output: str, source: str, extra_header
         header = HEADER + extra_header
         digest = hashlib.sha1((header + source).encode()).hexdigest()[:10]
         _kernels[name] = mx.fast.cuda_kernel(
-            name=f"{name}_{digest}", input_names=inputs, output_names=[output], source=source,
+            name=f"{name}_{digest}", input_names=inputs,
+            output_names=[output] if isinstance(output, str) else output, source=source,
             header=header, ensure_row_contiguous=contiguous)
     return _kernels[name]
 
@@ -251,12 +254,21 @@ class KernelMoeBlock(SparseMoeBlock):
     longer prompts run the portable block."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        return self._run(x, None)
+
+    def plus(self, x: mx.array, residual: mx.array) -> mx.array:
+        """residual + self(x), the add done by the kernels' last launch: one
+        op less a layer for the host to dispatch and the GPU to launch."""
+        return self._run(x, residual)
+
+    def _run(self, x: mx.array, residual: mx.array | None) -> mx.array:
         tokens = x.size // x.shape[-1]
         if tokens <= ONE_TOKEN_MAX:
-            return moe(x, self.switch_mlp, self.gate(x), self.top_k)  # [B, L, D]
+            return moe(x, self.switch_mlp, self.gate(x), self.top_k, residual)  # [B, L, D]
         if tokens <= cuda_grouped.MAX_TOKENS:
-            return cuda_grouped.moe(x, self.switch_mlp, self.gate(x), self.top_k)
-        return super().__call__(x)
+            return cuda_grouped.moe(x, self.switch_mlp, self.gate(x), self.top_k, residual)
+        y = super().__call__(x)
+        return y if residual is None else residual + y
 
 
 def with_kernels(block: SparseMoeBlock, on: bool) -> SparseMoeBlock:
@@ -266,10 +278,12 @@ def with_kernels(block: SparseMoeBlock, on: bool) -> SparseMoeBlock:
     return block
 
 
-def moe(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
+def moe(x: mx.array, experts, logits: mx.array, k: int,
+        residual: mx.array | None = None) -> mx.array:
     """The MoE block's output for the router's `logits` [..., E]: the sum over
     each token's top k experts, weighted by their renormalised softmax
-    (moe.SparseMoeBlock.route), computed inside the kernels: x [..., D] -> [..., D].
+    (moe.SparseMoeBlock.route), computed inside the kernels: x [..., D] -> [..., D];
+    plus `residual` (x's shape), if given, in the same kernel.
 
     Arrays go to the kernels as they are (each kernel reads them flat): every
     op left out (routing, reshapes) is one less for the host to dispatch."""
@@ -284,11 +298,12 @@ def moe(x: mx.array, experts, logits: mx.array, k: int) -> mx.array:
                   ("E", E), ("R", GATE_UP_ROWS)],
         grid=(T * k * F // GATE_UP_ROWS * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
         output_shapes=[(T * k, F)], output_dtypes=[mx.bfloat16])[0]
-    return _kernel("hermes_down_combine", ["h", "w", "scales", "biases", "logits"], "y",
+    return _kernel("hermes_down_combine", ["h", "w", "scales", "biases", "logits", "res"], "y",
                    DOWN_COMBINE)(
-        inputs=[h, down.weight, down.scales, down.biases, logits],
+        inputs=[h, down.weight, down.scales, down.biases, logits,
+                x if residual is None else residual],
         template=[("D", D), ("K", F), ("GS", down.group_size), ("NT", T), ("KC", k),
-                  ("E", E), ("R", DOWN_ROWS)],
+                  ("E", E), ("R", DOWN_ROWS), ("RES", residual is not None)],
         grid=(T * D // DOWN_ROWS * 32, 1, 1), threadgroup=(BLOCK, 1, 1),
         output_shapes=[x.shape], output_dtypes=[mx.bfloat16])[0]
 

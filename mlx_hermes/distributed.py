@@ -112,6 +112,11 @@ class ShardedMoeBlock(SparseMoeBlock):
     def __call__(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(super().__call__(x), group=self.group)
 
+    def plus(self, x: mx.array, residual: mx.array) -> mx.array:
+        # the ranks' sum first: a kernel's fused add (KernelMoeBlock.plus) would add the
+        # residual once a rank
+        return SparseMoeBlock.plus(self, x, residual)
+
 
 class Coordination:
     """What generation does differently on a model split over ranks (generate

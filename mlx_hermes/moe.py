@@ -122,3 +122,9 @@ class SparseMoeBlock(nn.Module):
         indices, weights = self.route(x)  # [B, L, k] each
         y = self.switch_mlp(x, indices)  # [B, L, k, D]
         return (y * weights[..., None].astype(x.dtype)).sum(axis=-2)  # [B, L, D]
+
+    def plus(self, x: mx.array, residual: mx.array) -> mx.array:
+        """residual + self(x): a decoder layer's second half. Its own method
+        so that a fast path may do the add inside its last kernel
+        (cuda_qmv.KernelMoeBlock)."""
+        return residual + self(x)

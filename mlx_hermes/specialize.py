@@ -9,7 +9,8 @@ side by side, and a checkpoint saved from either is the same):
 - on a CPU with several cores (cpu.py): the LM head split by rows, and the
   experts spread over one CPU stream per core (results bit-identical);
 - on CUDA: the MoE blocks' decoding through fused kernels (cuda_qmv.py for
-  one token, cuda_grouped.py for batched steps), the 4-bit linear layers'
+  one token, cuda_grouped.py for batched steps), the decoder layers' residual
+  adds inside kernels (cuda_layer.py), the 4-bit linear layers'
   steps of a few rows through cuda_grouped.py, every other quantized linear
   layer's batched steps as one 2-D matrix (MLX's GEMM), batched decode
   steps' attention over the padded batch cache (cuda_attention.py), and long
@@ -30,7 +31,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu, cuda_attention, cuda_grouped, cuda_qmv, dense_prefill
+from . import cpu, cuda_attention, cuda_grouped, cuda_layer, cuda_qmv, dense_prefill
 from .model import Model
 
 
@@ -78,6 +79,9 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
             if cuda_qmv.applies(layer.block_sparse_moe, dtype):
                 install(layer.block_sparse_moe, cuda_qmv.KernelMoeBlock)
                 installed.append("cuda-kernels")
+                if cuda_layer.applies(layer, dtype):
+                    install(layer, cuda_layer.KernelDecoderLayer)
+                    installed.append("cuda-layer")
             if cuda_attention.applies(layer.self_attn, dtype):
                 install(layer.self_attn, cuda_attention.KernelAttention)
                 installed.append("cuda-attention")

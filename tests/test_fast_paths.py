@@ -76,7 +76,8 @@ def test_each_fast_path_is_installed_where_it_applies_only(mlx_lm_quantized):
     installed = specialize(model)
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     assert ("dense-prefill" in installed) == on_cuda
-    assert on_cuda or not {"cuda-linear", "cuda-flat-linear", "cuda-attention"} & set(installed)
+    assert on_cuda or not {"cuda-linear", "cuda-flat-linear", "cuda-attention",
+                           "cuda-layer"} & set(installed)
     multicore_cpu = mx.default_device() == mx.cpu and len(cpu.streams()) > 1
     assert ("cpu-experts" in installed) == multicore_cpu
     if multicore_cpu:
@@ -239,8 +240,65 @@ def test_kernel_block_picks_a_path_by_step_size():
         block.__class__ = SparseMoeBlock
         want = np.array(block(x).astype(mx.float32))
         block.__class__ = cuda_qmv.KernelMoeBlock
-        got = np.array(block(x).astype(mx.float32))
-        assert_close(got, want, rel=2e-2)
+        got = block(x)
+        assert_close(np.array(got.astype(mx.float32)), want, rel=2e-2)
+        # the residual added inside the last kernel, rounded as a bf16 add after it is
+        residual = mx.random.normal(x.shape).astype(mx.bfloat16)
+        assert mx.array_equal(block.plus(x, residual), residual + got)
+
+
+@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+                    reason="a CUDA kernel: runs on the GPU machine")
+@pytest.mark.parametrize("dims", [4096, 136])
+def test_cuda_add_rms_norm_equals_ops(dims):
+    """cuda_layer.add_rms_norm: x + a exactly as MLX's bf16 add, and the norm
+    as MLX's rms_norm up to the order of its sum of squares; rows of 4,096
+    (two loads a thread) and of 17 words (threads with none)."""
+    from mlx_hermes import cuda_layer
+
+    mx.random.seed(dims)
+    norm = nn.RMSNorm(dims, eps=1e-5)
+    norm.weight = (1 + 0.2 * mx.random.normal((dims,))).astype(mx.bfloat16)
+    for rows in (1, 5, 64):
+        x, a = (mx.random.normal((rows, 1, dims)).astype(mx.bfloat16) for _ in range(2))
+        h, n = cuda_layer.add_rms_norm(x, a, norm)
+        assert h.shape == n.shape == x.shape and n.dtype == mx.bfloat16
+        assert mx.array_equal(h, x + a)
+        assert_close(np.array(n.astype(mx.float32)), np.array(norm(x + a).astype(mx.float32)),
+                     rel=1e-2)
+
+
+@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+                    reason="a CUDA kernel: runs on the GPU machine")
+def test_kernel_decoder_layer_equals_portable_layer():
+    """KernelDecoderLayer (residual adds inside kernels) against the portable
+    layer on the same input and fresh caches, for a step of one row (the
+    one-token kernels), of 7 and 33 (grouped) and of MAX_TOKENS + 1 (the
+    portable layer itself: identical); float32 router, so no ties."""
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_hermes import cuda_grouped, cuda_layer, cuda_qmv
+    from mlx_hermes import profile as prof
+    from mlx_hermes.model import DecoderLayer
+
+    model = prof.synthetic_model("tiny", bits=4, group_size=32, dtype=mx.bfloat16,
+                                 fast_paths=FastPaths.none())
+    float32_routers(model)
+    layer = model.layers[0]
+    assert cuda_layer.applies(layer, mx.bfloat16)
+    mx.random.seed(3)
+    for rows in (1, 7, 33, cuda_grouped.MAX_TOKENS + 1):
+        x = mx.random.normal((rows, 1, model.args.hidden_size)).astype(mx.bfloat16)
+        want = layer(x, None, KVCache())
+        install(layer.block_sparse_moe, cuda_qmv.KernelMoeBlock)
+        install(layer, cuda_layer.KernelDecoderLayer)
+        got = layer(x, None, KVCache())
+        layer.__class__, layer.block_sparse_moe.__class__ = DecoderLayer, SparseMoeBlock
+        if rows > cuda_grouped.MAX_TOKENS:
+            assert mx.array_equal(got, want)
+        else:
+            assert_close(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)),
+                         rel=2e-2)
 
 
 @pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
