@@ -80,14 +80,14 @@ HOST = {"step": "Batcher.step", "graph": "the model's graph built (Python)",
 
 
 @contextlib.contextmanager
-def host_phases(model):
-    """The host's phases of a step as profiler ranges (HOST): the batching
-    engine's step, the model's graph built, MLX's async_eval and eval."""
-    from torch.profiler import record_function
+def host_phases(model, record):
+    """The host's phases of a step (HOST: the batching engine's step, the
+    model's graph built, MLX's async_eval and eval), each call run inside
+    `record(label)`: a profiler range, or a clock (timed_phases)."""
 
     def wrapped(fn, label):
         def phase(*args, **kwargs):
-            with record_function(label):
+            with record(label):
                 return fn(*args, **kwargs)
         return phase
 
@@ -100,6 +100,18 @@ def host_phases(model):
     finally:
         for (owner, name), fn in zip(patches, saved):
             setattr(owner, name, fn)
+
+
+def timed_phases(totals: dict):
+    """A `record` for host_phases that adds each phase's seconds to `totals`."""
+    @contextlib.contextmanager
+    def record(label):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
+    return record
 
 
 def host_timeline(trace: dict, gaps: list, first: int = 3, steps: int = 2) -> list[str]:
@@ -180,7 +192,7 @@ def main() -> None:
         cuda_grouped.WARPS = args.warps
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     if not torch.cuda.is_available():
         sys.exit("gpu_timeline.py needs CUDA (torch sees no GPU)")
@@ -191,14 +203,19 @@ def main() -> None:
     batcher = Batcher(model, tokenizer, max_batch=args.streams)
     ids = batch_profile.prompts(args.streams, args.prompt_tokens, model.args.vocab_size, 7)
     for i, p in enumerate(ids):
-        batcher.add(i, Request(p, max_tokens=args.steps + 64))
+        batcher.add(i, Request(p, max_tokens=2 * args.steps + 128))
     # warm up: every prompt prefilled and a few full decode steps
     full = 0
     while full < 8:
         full = full + 1 if len(batcher.step()) == args.streams else 0
     walls = []
-    with host_phases(model), profile(activities=[ProfilerActivity.CPU,
-                                                 ProfilerActivity.CUDA]) as p:
+    # the same phases untraced first: CUPTI's tracing can change what the host waits on
+    untraced = {}
+    with host_phases(model, timed_phases(untraced)):
+        for _ in range(args.steps):
+            assert len(batcher.step()) == args.streams
+    with host_phases(model, record_function), profile(activities=[ProfilerActivity.CPU,
+                                                                  ProfilerActivity.CUDA]) as p:
         for _ in range(args.steps):
             t = time.perf_counter()
             n = len(batcher.step())
@@ -250,6 +267,11 @@ def main() -> None:
     print("longest gaps (us, after -> before):")
     for g, before, after, _ in sorted(gaps, reverse=True)[:6]:
         print(f"  {g:8.1f}  {before[:40]} -> {after[:40]}")
+    inner = sum(v for k, v in untraced.items() if k != "step")
+    print("host phases untraced, ms per step: " + ", ".join(
+        f"{k} {1e3 * v / steps:.2f}" for k, v in untraced.items())
+        + f"; the rest of a step (tokens read, bookkeeping) "
+        f"{1e3 * (untraced.get('step', 0.0) - inner) / steps:.2f}")
     print("two steps, the host's phases and the GPU's idle gaps:")
     print("\n".join(host_timeline(trace, gaps)))
     print("host CUDA API calls (ms per step):")
@@ -264,6 +286,7 @@ def main() -> None:
         "wall_ms": wall / steps, "span_ms": span / steps, "busy_ms": busy / steps,
         "kernels_per_step": len(kernels) / steps,
         "gaps": {str(b): [n / steps, total / steps / 1e3] for b, (n, total) in buckets.items()},
+        "host_untraced_ms": {k: 1e3 * v / steps for k, v in untraced.items()},
         "top": {n: [len(d) / steps, sum(d) / steps] for n, d in rows[:30]},
         "host_api_ms": {n: ms / steps for n, ms in launches.items()},
     }))
