@@ -434,8 +434,8 @@ DOWN = TOKENS + r"""
 """
 
 # p [NT*KC, D] float32, res [NT, D] -> y [NT, D]: bf16(res + bf16(p's KC rows summed in order)),
-# rounded as the ops it replaces (a sum cast to bf16, then a bf16 add) would; RES 0: no res
-# (then res is any bf16 array, unread). 4 outputs a thread.
+# rounded as the ops it replaces (a sum cast to bf16, then a bf16 add) would; RES 0: no
+# residual (res is then p itself, unread). 4 outputs a thread.
 COMBINE = r"""
     const long i = (long(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
     if (i >= long(p_shape[0] / KC) * D) return;
