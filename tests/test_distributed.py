@@ -116,6 +116,28 @@ def test_quantized_experts_split_with_their_scales(tp_quantized, tmp_path):
     assert_same(run_worker(tmp_path, 2, tp_quantized, "short"), ref)
 
 
+def test_a_split_block_adds_the_residual_after_the_ranks_sum():
+    """On CUDA a decoder layer adds its residual inside the MoE block's last
+    kernel (KernelMoeBlock.plus); a block split over ranks must sum the ranks'
+    parts first, or each rank would add the residual once. Its `plus` wins
+    over the kernel block's whatever is installed first."""
+    import mlx.core as mx
+
+    from mlx_hermes.cuda_qmv import KernelMoeBlock
+    from mlx_hermes.distributed import ShardedMoeBlock
+    from mlx_hermes.moe import SparseMoeBlock
+    from mlx_hermes.specialize import install
+
+    kernel_then_split = install(install(SparseMoeBlock(16, 32, 4, 2), KernelMoeBlock),
+                                ShardedMoeBlock)
+    assert isinstance(kernel_then_split, KernelMoeBlock)
+    assert type(kernel_then_split).plus is ShardedMoeBlock.plus
+    split = install(SparseMoeBlock(16, 32, 4, 2), ShardedMoeBlock)
+    split.group = mx.distributed.init()  # one rank here
+    x, residual = mx.random.normal((2, 3, 16)), mx.random.normal((2, 3, 16))
+    assert mx.array_equal(split.plus(x, residual), residual + split(x))
+
+
 def test_a_split_that_does_not_divide_is_a_clear_error():
     args = ModelArgs(**SHAPE, vocab_size=32002)
     with pytest.raises(HermesError, match="4 key/value heads .* do not divide by 3"):
