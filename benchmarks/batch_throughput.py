@@ -31,8 +31,10 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_hermes  # noqa: E402
+from grouped_kernel import _gpu_name  # noqa: E402
 from mlx_hermes import batch_profile, profile as prof  # noqa: E402
 from mlx_hermes.cache import make_cache  # noqa: E402
 from mlx_hermes.specialize import FastPaths  # noqa: E402
@@ -121,17 +123,6 @@ def main() -> None:
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-
-
-def _gpu_name() -> str:
-    try:
-        import subprocess
-
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else ""
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return ""
 
 
 if __name__ == "__main__":

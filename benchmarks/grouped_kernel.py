@@ -110,8 +110,12 @@ def main() -> None:
 
 
 def _gpu_name() -> str:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True)
+    """The NVIDIA card's name, or "" where there is none."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else ""
 
 
