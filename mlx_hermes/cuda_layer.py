@@ -1,11 +1,11 @@
 """A CUDA fast path for a decoder layer's glue in decode steps: the residual
 adds fused into the kernels that produce what is added.
 
-A decode step on CUDA is bound by the host as much as by the GPU: in a
-32-stream step of the 8x7B on an H200 the host took ~6 ms to build the
-graph and ~9 ms to encode and launch its ~460 kernels, and the GPU waited
-~3 ms a step for it (benchmarks/gpu_timeline.py). Every op left out is host
-time saved. Per layer the portable `h = x + attn(norm1(x)); out = h +
+A batched decode step on CUDA is bound by the host: in a 32-stream step of
+the 8x7B on an H200 the host took ~6 ms to build the graph and ~7 ms to
+encode and launch its ~460 kernels (then waited on reading the tokens), and
+the GPU waited ~3 ms a step for it (benchmarks/gpu_timeline.py). Every op
+left out is host time saved. Per layer the portable `h = x + attn(norm1(x)); out = h +
 moe(norm2(h))` runs two adds and a norm around the big kernels; here
 
 - `add_rms_norm`: h = x + attn and norm2(h) in one kernel (a block a row);
