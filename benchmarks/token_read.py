@@ -24,6 +24,9 @@ alternating, on one running batch of `--streams` streams:
   (whose output MLX may allocate in managed memory: then no copy at read
   time), read in mlx-lm's order.
 
+`--streams 1` asks the same of one stream: mlx-lm's `generate_step`, which
+`generate` and `chat` use, launches and reads in the same order.
+
 Prints, per variant, the median step (ms and tok/s) and the host's phases
 (graph built, async_eval, eval, and tolist where this file's copy times it;
 ms a step), then JSON. The 8x7B on CUDA only (`--synthetic tiny` runs the
