@@ -268,6 +268,33 @@ def test_cuda_add_rms_norm_equals_ops(dims):
                      rel=1e-2)
 
 
+def test_kernel_decoder_layer_hands_prefill_to_the_portable_layer():
+    """A step of more than MAX_TOKENS tokens (a prompt's prefill) runs the
+    portable layer itself, with its mask and cache: identical results, on any
+    device (the kernels are for decode steps; their test is the next one)."""
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_hermes import cuda_grouped, cuda_layer, cuda_qmv
+    from mlx_hermes import profile as prof
+    from mlx_hermes.model import DecoderLayer, attention_mask
+
+    model = prof.synthetic_model("tiny", bits=4, group_size=32, dtype=mx.bfloat16,
+                                 fast_paths=FastPaths.none())
+    model.fuse()
+    layer = model.layers[0]
+    assert cuda_layer.applies(layer, mx.bfloat16) and not cuda_layer.applies(layer, mx.float32)
+    x = mx.random.normal((1, cuda_grouped.MAX_TOKENS + 1, model.args.hidden_size))
+    x = x.astype(mx.bfloat16)
+    caches = KVCache(), KVCache()
+    want = layer(x, attention_mask(x, caches[0]), caches[0])
+    install(layer.block_sparse_moe, cuda_qmv.KernelMoeBlock)
+    install(layer, cuda_layer.KernelDecoderLayer)
+    got = layer(x, attention_mask(x, caches[1]), caches[1])
+    layer.__class__, layer.block_sparse_moe.__class__ = DecoderLayer, SparseMoeBlock
+    assert mx.array_equal(got, want)
+    assert all(mx.array_equal(a, b) for a, b in zip(caches[0].state, caches[1].state))
+
+
 @pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
                     reason="a CUDA kernel: runs on the GPU machine")
 def test_kernel_decoder_layer_equals_portable_layer():
