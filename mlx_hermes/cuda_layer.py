@@ -21,6 +21,7 @@ against it on the GPU machine (tests/test_fast_paths.py).
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -72,13 +73,18 @@ ADD_RMS_NORM = r"""
 THREADS = 256  # a block a row: 8x7B's 4,096 values in two 16-byte loads a thread
 
 
+@functools.lru_cache(maxsize=None)
+def _float_bits(value: float) -> int:
+    """A float32's bits as an int: how a template argument carries eps."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
 def add_rms_norm(x: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
     """(x + a, norm(x + a)) for bf16 x and a [..., D]."""
     D = x.shape[-1]
-    eps_bits = struct.unpack("<i", struct.pack("<f", norm.eps))[0]
     h, n = cuda_qmv._kernel("hermes_add_rms_norm", ["x", "a", "w"], ["h", "n"], ADD_RMS_NORM)(
         inputs=[x, a, norm.weight],
-        template=[("D", D), ("EPS", eps_bits)],
+        template=[("D", D), ("EPS", _float_bits(norm.eps))],
         grid=(x.size // D * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[x.shape, x.shape], output_dtypes=[mx.bfloat16, mx.bfloat16])
     return h, n
