@@ -67,7 +67,8 @@ KERNELS = [
      [("o", BF16)], cuda_attention.ATTEND,
      {"H": 32, "KH": 8, "DH": 128, "NW": cuda_attention.WARPS}),
     ("add_rms_norm", cuda_qmv.HEADER, [("x", BF16), ("a", BF16), ("w", BF16)],
-     [("h", BF16), ("n", BF16)], cuda_layer.ADD_RMS_NORM, {"D": 4096, "EPS": cuda_layer._float_bits(1e-5)}),
+     [("h", BF16), ("n", BF16)], cuda_layer.ADD_RMS_NORM,
+     {"D": 4096, "EPS": cuda_layer._float_bits(1e-5)}),
 ]
 
 

@@ -14,8 +14,9 @@ kernels launched, the kernels by name (total and per-step time), the GPU's
 idle gaps between kernels by length (and the longest, with the kernels
 around them), the host's phases (the engine's step, the graph built,
 MLX's async_eval and eval; timed over as many untraced steps first) and,
-for two traced steps, beside the GPU's idle gaps, then JSON. A step's wall time well above its busy time means the GPU waits on the
-host; busy time near wall time means kernel time is what to cut.
+for two traced steps, beside the GPU's idle gaps, then JSON. A step's wall
+time well above its busy time means the GPU waits on the host; busy time
+near wall time means kernel time is what to cut.
 
 CUDA only (needs torch with CUDA beside MLX's CUDA build).
 """
