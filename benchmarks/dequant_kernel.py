@@ -1,8 +1,8 @@
-"""The dense prefill's dequantization on CUDA: MLX's `dequantize` against a
-one-pass kernel of ours, on one layer's 8x7B experts (4-bit). A prototype
-for issue 18's stretch; nothing in mlx_hermes uses this kernel yet.
+"""The dense prefill's dequantization on CUDA: MLX's `dequantize` against
+our one-pass kernel (dense_prefill.DEQUANT_ROWS), on one layer's 8x7B
+experts (4-bit), and one layer's dense prefill with each.
 
-    python benchmarks/dequant_kernel.py [--group-size 64] [--trials 10] [--json F]
+    python benchmarks/dequant_kernel.py [--group-size 64] [--trials 10] [--tokens 512,2048] [--json F]
 
 Why: a 512-token prompt's dense prefill (dense_prefill.py) makes each layer's
 float experts with `mx.dequantize`, ~7 ms a layer on an H200 (issue 18),
@@ -14,7 +14,11 @@ expert without a copy).
 
 For gate (rows 0..F of gate_up), up (F..2F) and down: ms a call (`--trials`
 calls queued, best of 3), GB/s of bytes read and written, and how many of
-the kernel's values differ from MLX's and by how much. CUDA only.
+the kernel's values differ from MLX's and by how much. Then for each of
+`--tokens` (a prompt's tokens, top-2: twice as many sorted pairs): the
+layer's experts (`DensePrefillExperts.sorted_mlp`) with MLX's dequantize and
+with the kernel, and the three gathered matmuls alone on float experts made
+beforehand (what no dequantizer can save). CUDA only.
 """
 
 from __future__ import annotations
@@ -26,76 +30,61 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from grouped_kernel import _gpu_name, timed  # noqa: E402
 from mlx_hermes import profile as prof  # noqa: E402
+from mlx_hermes.dense_prefill import DensePrefillExperts, kernel_rows as dequantize_rows, \
+    mlx_rows  # noqa: E402
+from mlx_hermes.specialize import install  # noqa: E402
 
-# w [E, NTOT, K/8] uint32, scales/biases [E, NTOT, K/GS] bf16 -> y [E, NS, K] bf16: rows A..A+NS
-# of every expert, scale * q + bias with one rounding (bf16 fma: n is the code exactly, made
-# as (128 + code) - 128 from its bits); a thread per 16-byte word (32 codes, 64 bytes out).
-DEQUANT = r"""
-    constexpr int KU4 = K / 32;
-    const long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= long(E) * NS * KU4) return;
-    const long out_row = i / KU4;
-    const int u = int(i % KU4);
-    const long row = (out_row / NS) * NTOT + A + out_row % NS;  // in the whole array
-    const uint4 q = reinterpret_cast<const uint4*>(w)[row * KU4 + u];
-    const long g = row * (K / GS) + (u * 32) / GS;
-    const __nv_bfloat162 s = __bfloat162bfloat162(scales[g]);
-    const __nv_bfloat162 b = __bfloat162bfloat162(biases[g]);
-    const unsigned int bits = 0x43004300u;  // 128 in each half
-    const __nv_bfloat162 base = *reinterpret_cast<const __nv_bfloat162*>(&bits);
-    const unsigned int words[4] = {q.x, q.y, q.z, q.w};
-    uint4 out[4];
-    unsigned int* o = reinterpret_cast<unsigned int*>(out);
-    #pragma unroll
-    for (int wi = 0; wi < 4; wi++) {
-        #pragma unroll
-        for (int j = 0; j < 4; j++) {  // codes 2j, 2j+1 of the word (bits 8j, 8j + 4)
-            const unsigned int c = words[wi] >> (8 * j);
-            unsigned int v = (c & 0xFu) | ((c & 0xF0u) << 12) | bits;
-            const __nv_bfloat162 n = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), base);
-            const __nv_bfloat162 r = __hfma2(n, s, b);
-            o[wi * 4 + j] = *reinterpret_cast<const unsigned int*>(&r);
-        }
-    }
-    uint4* y4 = reinterpret_cast<uint4*>(y + out_row * K + u * 32);
-    #pragma unroll
-    for (int k = 0; k < 4; k++) y4[k] = out[k];
-"""
+def layer_prefill(experts, D: int, token_counts: list[int]) -> list[dict]:
+    """One layer's dense prefill (ms, best of 3) with MLX's dequantize and with
+    the kernel, and its gathered matmuls alone."""
+    install(experts, DensePrefillExperts).min_pairs = 1
+    E = experts.gate_up_proj.weight.shape[0]
+    F = experts.gate_up_proj.weight.shape[1] // 2
+    floats = {name: mlx_rows(layer, 0, layer.weight.shape[1])
+              for name, layer in experts.children().items()}
+    mx.eval(floats)
+    rows = []
+    print(f"{'tokens':>6} {'MLX deq ms':>11} {'kernel ms':>10} {'matmuls ms':>11} {'saved':>6}")
+    for T in token_counts:
+        x = (mx.random.normal((2 * T, 1, D)) * 0.5).astype(mx.bfloat16)
+        indices = mx.sort(mx.random.randint(0, E, (2 * T,))).astype(mx.uint32)
+        mx.eval(x, indices)
 
-_kernel = None
+        def run(kernels: bool):
+            experts.kernel_projections = frozenset()
+            if kernels:
+                experts.use_kernels()
+            return experts.sorted_mlp(x, indices)
 
+        def matmuls():
+            w = floats["gate_up_proj"]
+            h = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=True)
+            h = nn.silu(h[..., :F]) * h[..., F:]
+            return mx.gather_mm(h, floats["down_proj"].swapaxes(-1, -2), rhs_indices=indices,
+                                sorted_indices=True)
 
-def dequantize_rows(layer, a: int, b: int) -> mx.array:
-    """mx.dequantize(layer's rows a..b of every expert) for 4-bit experts: [E, b-a, K] bf16."""
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="bench_dequant_rows", input_names=["w", "scales",
-                                      "biases"], output_names=["y"], source=DEQUANT)
-    E, N, packed = layer.weight.shape
-    K = packed * 8
-    return _kernel(inputs=[layer.weight, layer.scales, layer.biases],
-                   template=[("E", E), ("NTOT", N), ("A", a), ("NS", b - a), ("K", K),
-                             ("GS", layer.group_size)],
-                   grid=(E * (b - a) * (K // 32), 1, 1), threadgroup=(256, 1, 1),
-                   output_shapes=[(E, b - a, K)], output_dtypes=[mx.bfloat16])[0]
-
-
-def mlx_rows(layer, a: int, b: int) -> mx.array:
-    """dense_prefill.dense_project's call."""
-    return mx.dequantize(layer.weight[..., a:b, :], layer.scales[..., a:b, :],
-                         layer.biases[..., a:b, :], group_size=layer.group_size, bits=4)
+        same = mx.abs(run(False).astype(mx.float32) - run(True).astype(mx.float32)).max().item()
+        t_mlx, t_kernel, t_mm = (timed(lambda: run(False), 1), timed(lambda: run(True), 1),
+                                 timed(matmuls, 1))
+        rows.append({"tokens": T, "mlx_dequantize_ms": t_mlx, "kernel_ms": t_kernel,
+                     "matmuls_only_ms": t_mm, "max_diff": same})
+        print(f"{T:6d} {t_mlx:11.2f} {t_kernel:10.2f} {t_mm:11.2f} {1 - t_kernel / t_mlx:6.0%}"
+              f"  (max diff {same:.1e})", flush=True)
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--tokens", default="512,2048")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     if not mx.cuda.is_available():
@@ -123,8 +112,11 @@ def main() -> None:
                      "values_differing": differ, "max_diff": diff})
         print(f"{name:<6} {t_mlx:8.3f} {t_ours:8.3f} {moved / t_mlx / 1e6:9.0f} "
               f"{moved / t_ours / 1e6:10.0f} {differ:8d} {diff:9.2e}", flush=True)
+
+    prefill = layer_prefill(experts, model.args.hidden_size, [int(t) for t in a.tokens.split(",")])
     out = {"benchmark": "dequant_kernel", "card": _gpu_name(), "mlx": mx.__version__,
-           "date": datetime.date.today().isoformat(), "group_size": a.group_size, "rows": rows}
+           "date": datetime.date.today().isoformat(), "group_size": a.group_size, "rows": rows,
+           "prefill": prefill}
     print(json.dumps(out))
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))

@@ -70,8 +70,10 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
         for layer in model.layers:
             block = layer.block_sparse_moe
             if dense_prefill.applies(block.switch_mlp):
-                install(block.switch_mlp, dense_prefill.DensePrefillExperts).min_pairs = (
-                    dense_prefill.DENSE_PREFILL_MIN_TOKENS * block.top_k)
+                experts = install(block.switch_mlp, dense_prefill.DensePrefillExperts)
+                experts.min_pairs = dense_prefill.DENSE_PREFILL_MIN_TOKENS * block.top_k
+                if paths.cuda_kernels:
+                    experts.use_kernels()
                 installed.append("dense-prefill")
     if on_cuda and paths.cuda_kernels:
         dtype = model.model.norm.weight.dtype
