@@ -25,7 +25,8 @@ from typing import Callable, Optional, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx.nn.layers.distributed import shard_inplace, shard_linear
+from mlx.nn.layers.distributed import (QuantizedShardedToAllLinear, ShardedToAllLinear,
+                                      shard_inplace, shard_linear)
 
 from .errors import HermesError
 from .model import Model, ModelArgs
@@ -69,8 +70,35 @@ def check_split(args: ModelArgs, n: int, group_sizes: Optional[dict] = None) -> 
                 f"{name} are not a whole number of quantization groups of {g}")
 
 
-def shard(model: Model, group: mx.distributed.Group) -> Model:
-    """Split `model` (lazily loaded) in place across `group`."""
+def host_all_sum(x: mx.array, group: mx.distributed.Group) -> mx.array:
+    """`mx.distributed.all_sum` with its input evaluated before and its result
+    evaluated at once: no GPU kernel ever waits for the collective.
+
+    Why: MLX's ring and MPI backends sum on the CPU. Left lazy inside a CUDA
+    graph, the GPU waits for that CPU task in a spinning kernel (MLX issue
+    2229: one that makes other CUDA calls wait too), and under generation's
+    one-step-ahead evaluation both ranks deadlocked: `generate` of the test's
+    tiny model under `mlx.launch -n 2` hung in 3 of 3 runs on an H200, and in
+    4 of 4 with every all_sum evaluated where it stands it did not
+    (benchmarks/RESULTS.md, 2026-11-28). It costs a host round trip a
+    collective, so `shard` gives it to CUDA only; Metal and the CPU keep
+    MLX's lazy collectives."""
+    mx.eval(x)
+    total = mx.distributed.all_sum(x, group=group)
+    mx.eval(total)
+    return total
+
+
+def sums_on_host() -> bool:
+    """Whether this device needs host_all_sum: MLX's CUDA build on its GPU."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def shard(model: Model, group: mx.distributed.Group, host_sums: Optional[bool] = None) -> Model:
+    """Split `model` (lazily loaded) in place across `group`. host_sums: sum
+    over ranks through host_all_sum (default: sums_on_host())."""
+    if host_sums is None:
+        host_sums = sums_on_host()
     n = group.size()
     first = model.layers[0]
     check_split(model.args, n, {
@@ -88,6 +116,9 @@ def shard(model: Model, group: mx.distributed.Group) -> Model:
                 setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded",
                                                  group=group))
         attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
+        if host_sums:
+            install(attn.o_proj, HostSummedLinear if isinstance(attn.o_proj, ShardedToAllLinear)
+                    else HostSummedQuantizedLinear)
         attn.n_heads //= n
         attn.n_kv_heads //= n
 
@@ -99,10 +130,16 @@ def shard(model: Model, group: mx.distributed.Group) -> Model:
             shard_inplace(experts.gate_proj, "all-to-sharded", group=group)
             shard_inplace(experts.up_proj, "all-to-sharded", group=group)
         shard_inplace(experts.down_proj, "sharded-to-all", group=group)
-        install(layer.block_sparse_moe, ShardedMoeBlock).group = group
+        install(layer.block_sparse_moe,
+                HostSummedMoeBlock if host_sums else ShardedMoeBlock).group = group
     model.group = group
-    model.coordination = Coordination(group)
+    model.coordination = Coordination(group, host_all_sum if host_sums else all_sum)
     return model
+
+
+def all_sum(x: mx.array, group: mx.distributed.Group) -> mx.array:
+    """MLX's all_sum, lazy (what host_all_sum stands in for on CUDA)."""
+    return mx.distributed.all_sum(x, group=group)
 
 
 class ShardedMoeBlock(SparseMoeBlock):
@@ -110,7 +147,10 @@ class ShardedMoeBlock(SparseMoeBlock):
     are summed (`group` set when installed)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.distributed.all_sum(super().__call__(x), group=self.group)
+        return self.sum_ranks(super().__call__(x))
+
+    def sum_ranks(self, x: mx.array) -> mx.array:
+        return all_sum(x, self.group)
 
     def plus(self, x: mx.array, residual: mx.array) -> mx.array:
         # the ranks' sum first: a kernel's fused add (KernelMoeBlock.plus) would add the
@@ -118,17 +158,47 @@ class ShardedMoeBlock(SparseMoeBlock):
         return SparseMoeBlock.plus(self, x, residual)
 
 
+class HostSummedMoeBlock(ShardedMoeBlock):
+    """ShardedMoeBlock summing through host_all_sum (CUDA)."""
+
+    def sum_ranks(self, x: mx.array) -> mx.array:
+        return host_all_sum(x, self.group)
+
+
+class HostSummedLinear(ShardedToAllLinear):
+    """MLX's sharded-to-all linear (its __call__, whose all_sum is not ours to
+    pick) summing through host_all_sum (CUDA)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = host_all_sum(x @ self["weight"].T, self.group)
+        return y + self["bias"] if "bias" in self else y
+
+
+class HostSummedQuantizedLinear(QuantizedShardedToAllLinear):
+    """The same for MLX's quantized sharded-to-all linear."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(x, self["weight"], scales=self["scales"],
+                                biases=self.get("biases"), transpose=True,
+                                group_size=self.group_size, bits=self.bits, mode=self.mode)
+        y = host_all_sum(y, self.group)
+        return y + self["bias"] if "bias" in self else y
+
+
 class Coordination:
     """What generation does differently on a model split over ranks (generate
     asks `model.coordination`, set by `shard`): every rank uses rank 0's
     token, progress keeps the watchdog quiet, and a generation's last step
-    finishes before the next collectives start."""
+    finishes before the next collectives start. `ranks_sum`: the model's way of
+    summing over ranks (all_sum or host_all_sum)."""
 
-    def __init__(self, group: mx.distributed.Group):
+    def __init__(self, group: mx.distributed.Group,
+                 ranks_sum: Callable[[mx.array, mx.distributed.Group], mx.array] = all_sum):
         self.group = group
+        self.ranks_sum = ranks_sum
 
     def sampler(self, sampler: Callable) -> Callable:
-        return same_token_everywhere(sampler, self.group)
+        return same_token_everywhere(sampler, self.group, self.ranks_sum)
 
     def progress(self, progress: Optional[Callable[[int, int], None]]) -> Callable:
         def report(done: int, total: int) -> None:
@@ -163,14 +233,14 @@ def load_launched(path: Union[str, Path], fast_paths: FastPaths = FastPaths(),
 
 def load_sharded(path: Union[str, Path], group: mx.distributed.Group,
                  dtype: Optional[str] = None, progress: Optional[Callable] = None,
-                 fast_paths: FastPaths = FastPaths()):
+                 fast_paths: FastPaths = FastPaths(), host_sums: Optional[bool] = None):
     """Load this rank's part of the model: the weights are opened lazily, split,
     and evaluated one layer at a time, so a rank never holds more than its
-    part plus one layer's full tensors."""
+    part plus one layer's full tensors. host_sums: as for `shard`."""
     from .loader import load
 
     model, tokenizer = load(path, dtype=dtype, lazy=True, fast_paths=fast_paths)
-    shard(model, group)
+    shard(model, group, host_sums)
     mx.eval(model.model.embed_tokens.parameters(), model.model.norm.parameters())
     for i, layer in enumerate(model.layers):
         mx.eval(layer.parameters())
@@ -182,14 +252,16 @@ def load_sharded(path: Union[str, Path], group: mx.distributed.Group,
     return model, tokenizer
 
 
-def same_token_everywhere(sampler: Callable, group: mx.distributed.Group) -> Callable:
+def same_token_everywhere(sampler: Callable, group: mx.distributed.Group,
+                          ranks_sum: Callable[[mx.array, mx.distributed.Group], mx.array] = all_sum
+                          ) -> Callable:
     """Every rank uses rank 0's token: with unseeded sampling the ranks' random
     states differ, and even seeded ones must never drift apart."""
     def sample(logprobs: mx.array) -> mx.array:
         beat()
         token = sampler(logprobs)
         mine = token if group.rank() == 0 else mx.zeros_like(token)
-        return mx.distributed.all_sum(mine, group=group)
+        return ranks_sum(mine, group)
 
     return sample
 

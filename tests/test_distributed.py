@@ -111,6 +111,19 @@ def test_four_ranks_match_one_process(tp_model, reference, tmp_path):
     assert_same(run_worker(tmp_path, 4, tp_model, "short"), reference)
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_sums_evaluated_on_the_host_match_one_process(tp_model, tp_quantized, reference, tmp_path,
+                                                      quantized):
+    """The CUDA way of summing over ranks (distributed.host_all_sum: each
+    collective evaluated where it stands), taken here on purpose, for MLX's
+    float and quantized sharded linears."""
+    model = tp_quantized if quantized else tp_model
+    ref = tp_worker.compute(*mlx_hermes.load(model), long_prompt=False) if quantized else reference
+    ranks = run_worker(tmp_path, 2, model, "host")
+    assert all(r["host_summed"].tolist() == [True, True] for r in ranks)
+    assert_same(ranks, ref)
+
+
 def test_quantized_experts_split_with_their_scales(tp_quantized, tmp_path):
     ref = tp_worker.compute(*mlx_hermes.load(tp_quantized), long_prompt=False)
     assert_same(run_worker(tmp_path, 2, tp_quantized, "short"), ref)

@@ -1,7 +1,8 @@
 """One rank of the tensor-parallel tests, started by `mlx.launch` (or run alone
 for the single-process reference). Writes what it computed to OUT/rank{R}.npz.
 
-usage: tp_worker.py MODEL OUT [check|short|die|hang]   (short: no long prompt)
+usage: tp_worker.py MODEL OUT [check|short|host|die|hang]
+(short: no long prompt; host: short, summing over ranks as on CUDA, through host_all_sum)
 """
 
 from __future__ import annotations
@@ -58,10 +59,16 @@ def main() -> None:
         model, tokenizer = mlx_hermes.load(path)
     else:
         watchdog = distributed.start_watchdog(group)
-        model, tokenizer = distributed.load_sharded(path, group)
+        model, tokenizer = distributed.load_sharded(path, group,
+                                                    host_sums=True if mode == "host" else None)
     params = sum(v.nbytes for _, v in mlx.utils.tree_flatten(model.parameters()))
     memory = {"param_bytes": params, "active_bytes": mx.get_active_memory(),
-              "peak_bytes": mx.get_peak_memory()}
+              "peak_bytes": mx.get_peak_memory(),
+              "host_summed": [isinstance(model.layers[0].block_sparse_moe,
+                                         distributed.HostSummedMoeBlock),
+                              isinstance(model.layers[0].self_attn.o_proj,
+                                         (distributed.HostSummedLinear,
+                                          distributed.HostSummedQuantizedLinear))]}
 
     if mode in ("die", "hang"):
         ids = tokenizer.encode(PROMPT)
