@@ -126,7 +126,9 @@ def main() -> None:
     model = prof.synthetic_model(a.synthetic, dtype=mx.bfloat16)
     tokenizer = batch_profile.without_eos(Tokenizer.from_path(TOKENIZER))
     batcher = Batcher(model, tokenizer, max_batch=a.streams)
-    total = 8 + a.rounds * 4 * (a.steps + 2) + 16
+    # the timed steps, plus room for the tokens a stream makes while later prompts prefill
+    # (without it the first streams ended in the last round on an H200)
+    total = 8 + a.rounds * 4 * (a.steps + 2) + 16 + 512
     for i, ids in enumerate(batch_profile.prompts(a.streams, 128, model.args.vocab_size, 7)):
         batcher.add(i, Request(ids, max_tokens=total))
     full = 0
