@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from . import chip
 from .errors import HermesError
 from .model import Model
 
@@ -22,7 +22,7 @@ def check_kv_bits(kv_bits: Optional[int], on_cuda: Optional[bool] = None) -> Non
     if kv_bits not in (4, 8):
         raise HermesError(f"kv_bits must be 4 or 8, got {kv_bits}")
     if on_cuda is None:
-        on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+        on_cuda = chip.on_cuda()
     if on_cuda:
         raise HermesError("--kv-bits does not run on CUDA: MLX's CUDA build computes the "
                           "quantized KV cache's attention wrongly (benchmarks/mlx_cuda_bugs.md); "

@@ -19,6 +19,13 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+def on_cuda(device: Optional[mx.Device] = None) -> bool:
+    """Whether `device` (default: MLX's default device) is the GPU of MLX's
+    CUDA build: where the CUDA-only paths and workarounds apply."""
+    device = mx.default_device() if device is None else device
+    return device == mx.gpu and mx.cuda.is_available()
+
+
 # Apple's rated unified-memory bandwidth, GB/s. Where Apple sells one chip
 # with two GPU sizes at different bandwidths, keyed by GPU core count.
 MAC_BANDWIDTH_GBS: dict[str, float | dict[int, float]] = {

@@ -28,6 +28,7 @@ import numpy as np
 from mlx.nn.layers.distributed import (QuantizedShardedToAllLinear, ShardedToAllLinear,
                                       shard_inplace, shard_linear)
 
+from . import chip
 from .errors import HermesError
 from .model import Model, ModelArgs
 from .moe import SparseMoeBlock
@@ -89,16 +90,11 @@ def host_all_sum(x: mx.array, group: mx.distributed.Group) -> mx.array:
     return total
 
 
-def sums_on_host() -> bool:
-    """Whether this device needs host_all_sum: MLX's CUDA build on its GPU."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
-
-
 def shard(model: Model, group: mx.distributed.Group, host_sums: Optional[bool] = None) -> Model:
     """Split `model` (lazily loaded) in place across `group`. host_sums: sum
-    over ranks through host_all_sum (default: sums_on_host())."""
+    over ranks through host_all_sum (default: on CUDA)."""
     if host_sums is None:
-        host_sums = sums_on_host()
+        host_sums = chip.on_cuda()
     n = group.size()
     first = model.layers[0]
     check_split(model.args, n, {

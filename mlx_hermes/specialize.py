@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu, cuda_attention, cuda_grouped, cuda_layer, cuda_qmv, dense_prefill
+from . import chip, cpu, cuda_attention, cuda_grouped, cuda_layer, cuda_qmv, dense_prefill
 from .model import Model
 
 
@@ -65,7 +65,7 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
         for layer in model.layers:
             install(layer.block_sparse_moe.switch_mlp, cpu.StreamedExperts).streams = streams
         installed.append("cpu-experts")
-    on_cuda = device == mx.gpu and mx.cuda.is_available()
+    on_cuda = chip.on_cuda(device)
     if on_cuda and paths.dense_prefill:
         for layer in model.layers:
             block = layer.block_sparse_moe
