@@ -34,7 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_hermes import cuda_attention, cuda_grouped, cuda_layer, cuda_qmv, dense_prefill  # noqa: E402
+from mlx_hermes import cuda_attention, cuda_grouped, cuda_layer, cuda_prefill, cuda_qmv, \
+    dense_prefill  # noqa: E402
 
 BF16, U32, F32, I32 = "__nv_bfloat16", "uint32_t", "float", "int32_t"
 QMV, GROUPED = cuda_qmv.HEADER, cuda_qmv.HEADER + cuda_grouped.HEADER
@@ -72,6 +73,11 @@ KERNELS = [
     ("dequant_rows", cuda_qmv.HEADER, [("w", U32), ("scales", BF16), ("biases", BF16)],
      [("y", BF16)], dense_prefill.DEQUANT_ROWS,
      {"E": 8, "NTOT": 28672, "A": 14336, "NS": 14336, "K": 4096, "GS": 64}),
+    ("prefill_gemm", GROUPED + cuda_prefill.HEADER,
+     [("x", BF16), ("idx", U32), ("w", U32), ("scales", BF16), ("biases", BF16)],
+     [("y", BF16)], cuda_prefill.GEMM,
+     {"E": 8, "NTOT": 28672, "A": 0, "NS": 28672, "K": 4096, "GS": 64, "MT": 4,
+      "GROUPED": True}),
 ]
 
 

@@ -60,7 +60,7 @@ def layer_prefill(experts, D: int, token_counts: list[int]) -> list[dict]:
         def run(kernels: bool):
             experts.kernel_projections = frozenset()
             if kernels:
-                experts.use_kernels()
+                experts.use_kernels(gemm=False)
             return experts.sorted_mlp(x, indices)
 
         def matmuls():

@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from . import cuda_qmv
+from . import cuda_prefill, cuda_qmv
 from .moe import Experts
 
 # Prefill of this many tokens or more dequantizes a layer's experts and runs
@@ -131,31 +131,43 @@ def dense_project(layer: QuantizedSwitchLinear, h: mx.array, indices: mx.array,
 
 
 class DensePrefillExperts(Experts):
-    """Experts whose long sorted prefill runs through dense_project.
+    """Experts whose long sorted prefill runs through cuda_prefill's GEMM
+    kernel or dense_project.
 
     `min_pairs` (token-expert pairs: DENSE_PREFILL_MIN_TOKENS times the
-    block's k) is set when installed, and `kernel_projections` (the
-    projections our dequantize kernel takes) by `use_kernels`, on CUDA; the
-    others are dequantized by MLX."""
+    block's k) is set when installed; by `use_kernels`, on CUDA, the
+    projections the GEMM kernel takes (`gemm_projections`) and those our
+    dequantize kernel takes of the rest (`kernel_projections`); MLX
+    dequantizes the others."""
 
     min_pairs: int
-    # a frozenset, not a dict: mlx.nn.Module would take a dict for a child module
+    # frozensets, not dicts: mlx.nn.Module would take a dict for a child module
+    gemm_projections: frozenset = frozenset()
     kernel_projections: frozenset = frozenset()
 
-    def use_kernels(self) -> "DensePrefillExperts":
+    def use_kernels(self, gemm: bool = True) -> "DensePrefillExperts":
+        """Choose the kernels for each projection (gemm=False: the dequantize
+        kernel only, as before the GEMM kernel; for comparisons)."""
+        children = self.children().items()
+        self.gemm_projections = frozenset(
+            name for name, layer in children if gemm and cuda_prefill.applies(layer))
         self.kernel_projections = frozenset(
-            name for name, layer in self.children().items() if kernel_applies(layer))
+            name for name, layer in children if kernel_applies(layer)) - self.gemm_projections
         return self
 
     def _project(self, name: str, h: mx.array, indices: mx.array,
                  rows: tuple[int, int] | None = None) -> mx.array:
+        if name in self.gemm_projections:
+            return cuda_prefill.grouped_matmul(h, self[name], indices, rows)
         dequantize = kernel_rows if name in self.kernel_projections else mlx_rows
         return dense_project(self[name], h, indices, rows, dequantize)
 
     def sorted_mlp(self, x: mx.array, indices: mx.array) -> mx.array:
         if x.shape[0] < self.min_pairs:
             return super().sorted_mlp(x, indices)
-        if "gate_up_proj" in self:
+        if "gate_up_proj" in self.gemm_projections:
+            gate, up = mx.split(self._project("gate_up_proj", x, indices), 2, axis=-1)
+        elif "gate_up_proj" in self:
             # gate and up a half at a time: one projection's float experts at once
             half = self.gate_up_proj.weight.shape[-2] // 2
             gate = self._project("gate_up_proj", x, indices, (0, half))

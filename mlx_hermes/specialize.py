@@ -11,10 +11,12 @@ side by side, and a checkpoint saved from either is the same):
 - on CUDA: the MoE blocks' decoding through fused kernels (cuda_qmv.py for
   one token, cuda_grouped.py for batched steps), the decoder layers' residual
   adds inside kernels (cuda_layer.py), the 4-bit linear layers'
-  steps of a few rows through cuda_grouped.py, every other quantized linear
-  layer's batched steps as one 2-D matrix (MLX's GEMM), batched decode
-  steps' attention over the padded batch cache (cuda_attention.py), and long
-  prefills through dequantized float experts (dense_prefill.py).
+  steps of a few rows through cuda_grouped.py and a prompt's rows through
+  cuda_prefill.py's tensor-core GEMM, every other quantized linear layer's
+  batched steps as one 2-D matrix (MLX's GEMM), batched decode steps'
+  attention over the padded batch cache (cuda_attention.py), and long
+  prefills' experts through that GEMM (dense_prefill.py; through float
+  experts where it does not apply).
 
 Before that, q/k/v and gate/up are joined into one matrix each (fusion.py):
 a layout change every backend gains from. On Metal nothing else is installed:
@@ -31,7 +33,8 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import chip, cpu, cuda_attention, cuda_grouped, cuda_layer, cuda_qmv, dense_prefill
+from . import (chip, cpu, cuda_attention, cuda_grouped, cuda_layer, cuda_prefill, cuda_qmv,
+               dense_prefill)
 from .model import Model
 
 
@@ -40,7 +43,7 @@ class FastPaths:
     """Which fast paths may be installed where they apply."""
 
     cpu_streams: bool = True  # every core of a CPU
-    cuda_kernels: bool = True  # decode kernels: experts, linear layers, batch attention (CUDA)
+    cuda_kernels: bool = True  # kernels (CUDA): experts, linear layers, attention, prefill GEMM
     dense_prefill: bool = True  # dequantized experts for long prompts (CUDA)
 
     @classmethod
@@ -88,7 +91,10 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
                 install(layer.self_attn, cuda_attention.KernelAttention)
                 installed.append("cuda-attention")
         for _, module in model.named_modules():
-            if cuda_grouped.linear_applies(module, dtype):
+            if cuda_prefill.linear_applies(module, dtype):
+                install(module, cuda_prefill.PrefillQuantizedLinear)
+                installed += ["cuda-linear", "cuda-prefill-linear"]
+            elif cuda_grouped.linear_applies(module, dtype):
                 install(module, cuda_grouped.KernelQuantizedLinear)
                 installed.append("cuda-linear")
             elif isinstance(module, nn.QuantizedLinear):

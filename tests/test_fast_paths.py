@@ -59,18 +59,22 @@ def test_dense_prefill_equals_gather_qmm(mlx_lm_quantized, monkeypatch, bits, ch
     assert_close(dense, portable, rel=1e-4)
 
 
-def test_dense_prefill_kernel_is_chosen_for_4_bit_bf16_experts_only():
-    """use_kernels (called by specialize on CUDA) picks our dequantize kernel
-    per projection where it applies; other formats keep MLX's dequantize."""
+def test_dense_prefill_kernels_are_chosen_for_4_bit_bf16_experts_only():
+    """use_kernels (called by specialize on CUDA) picks our GEMM kernel (or,
+    without it, our dequantize kernel) per projection where it applies; other
+    formats keep MLX's dequantize."""
     block = SparseMoeBlock(256, 128, 5, 2)
     nn.quantize(block.switch_mlp, class_predicate=lambda path, _: {
         "group_size": 64, "bits": 8 if path == "down_proj" else 4, "mode": "affine"})
     block.set_dtype(mx.bfloat16)
     block.switch_mlp.fuse()
     experts = install(block.switch_mlp, dense_prefill.DensePrefillExperts).use_kernels()
-    assert experts.kernel_projections == {"gate_up_proj"}
+    assert (experts.gemm_projections, experts.kernel_projections) == ({"gate_up_proj"}, set())
+    experts.use_kernels(gemm=False)
+    assert (experts.gemm_projections, experts.kernel_projections) == (set(), {"gate_up_proj"})
     block.set_dtype(mx.float32)  # float32 scales: MLX's
-    assert experts.use_kernels().kernel_projections == set()
+    experts.use_kernels()
+    assert (experts.gemm_projections, experts.kernel_projections) == (set(), set())
 
 
 @pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
@@ -93,8 +97,61 @@ def test_cuda_dequantize_kernel_equals_mlx_dequantize(group_size):
     x = (mx.random.normal((150, 1, 256)) * 0.5).astype(mx.bfloat16)
     indices = mx.sort(mx.random.randint(0, 5, (150,))).astype(mx.uint32)
     plain = experts.sorted_mlp(x, indices)
-    assert experts.use_kernels().kernel_projections == {"gate_up_proj", "down_proj"}
+    assert experts.use_kernels(gemm=False).kernel_projections == {"gate_up_proj", "down_proj"}
     assert (experts.sorted_mlp(x, indices) == plain).all().item()
+
+
+def _close_to(got: mx.array, want: mx.array, what) -> None:
+    """Equal but for the order of float32 sums: one bf16 rounding apart at most."""
+    got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+    assert got.shape == want.shape, what
+    assert np.all(np.abs(got - want) <= 2 ** -7 * np.abs(want) + 1e-3 * np.abs(want).max()), what
+
+
+@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+                    reason="a CUDA kernel: runs on the GPU machine")
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_cuda_prefill_gemm_equals_dequantize_and_matmul(group_size):
+    """cuda_prefill's GEMM against MLX's dequantize and sorted gather_mm:
+    experts with no rows, one row, and more than a tile; row ranges of
+    gate_up (halves, an odd one not in whole tiles of features); the block's
+    whole prefill; one matrix (a linear layer's prompt, by
+    PrefillQuantizedLinear past MAX_TOKENS rows)."""
+    from mlx_hermes import cuda_grouped, cuda_prefill
+
+    mx.random.seed(group_size)
+    block = _quantized_block(256, 384, 5, 2, group_size)
+    experts = install(block.switch_mlp, dense_prefill.DensePrefillExperts)
+    experts.min_pairs = 1
+    counts = [0, 1, 150, 2, 147]  # rows of each expert, sorted
+    indices = mx.array(sum(([e] * n for e, n in enumerate(counts)), []), dtype=mx.uint32)
+    x = (mx.random.normal((len(indices), 1, 256)) * 0.5).astype(mx.bfloat16)
+    h = (mx.random.normal((len(indices), 1, 384)) * 0.5).astype(mx.bfloat16)
+    for layer, inputs, ranges in (
+            (experts.gate_up_proj, x, [(0, 768), (0, 384), (384, 768), (6, 78)]),
+            (experts.down_proj, h, [(0, 256)])):
+        for a, b in ranges:
+            w = dense_prefill.mlx_rows(layer, a, b)  # [E, b-a, in]
+            want = mx.gather_mm(inputs, w.swapaxes(-1, -2), rhs_indices=indices,
+                                sorted_indices=True)
+            _close_to(cuda_prefill.grouped_matmul(inputs, layer, indices, (a, b)), want, (a, b))
+    plain = experts.sorted_mlp(x, indices)
+    assert experts.use_kernels().gemm_projections == {"gate_up_proj", "down_proj"}
+    _close_to(experts.sorted_mlp(x, indices), plain, "sorted_mlp")
+
+    linear = nn.QuantizedLinear(256, 200, bias=True, group_size=group_size, bits=4)
+    linear.bias = mx.random.normal((200,))
+    linear.set_dtype(mx.bfloat16)
+    assert cuda_prefill.linear_applies(linear, mx.bfloat16)
+    w = mx.dequantize(linear.weight, linear.scales, linear.biases, group_size=group_size, bits=4)
+    for shape in ((3, 70, 256), (1, cuda_grouped.MAX_TOKENS + 1, 256)):
+        xs = (mx.random.normal(shape) * 0.5).astype(mx.bfloat16)
+        _close_to(cuda_prefill.matmul(xs, linear), xs @ w.T, ("matmul", shape))
+        want = linear(xs)
+        install(linear, cuda_prefill.PrefillQuantizedLinear)
+        got = linear(xs)
+        linear.__class__ = nn.QuantizedLinear
+        _close_to(got, want, ("layer", shape))
 
 
 def test_float_experts_have_nothing_to_dequantize(loaded):

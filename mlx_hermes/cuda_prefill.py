@@ -1,0 +1,274 @@
+"""A CUDA fast path for long prompts: 4-bit matrix products of many rows on
+tensor cores, dequantizing the weights tile by tile in shared memory.
+
+One kernel (`GEMM`, through `mx.fast.cuda_kernel`) computes y = x W^T for
+rows of bf16 x grouped by expert (a prefill's sorted token-expert pairs:
+each expert's rows are a run of x) and 4-bit affine experts W [E, N, K].
+A block takes a tile of 32*MT rows of one expert and 128 output features,
+and walks K 32 inputs at a time: the rows of x copied to shared memory with
+cp.async, the weights' codes read into registers one step ahead and
+dequantized (scale * q + bias, rounded to bf16 once, as MLX's `dequantize`)
+into shared memory, the products on `mma.sync.m16n8k16` (bf16 in, float32
+sums). Nothing else is made: no float experts exist, so a prefill's peak
+memory is the activations'.
+
+Why: the dense prefill it replaces (dense_prefill.py: each layer's experts
+dequantized to bf16 by a kernel, then MLX's sorted `gather_mm`) spent 7.8 ms
+a layer on 512 tokens on an H200, 5.6 of them in `gather_mm` (~65 TFLOP/s).
+
+Installed at load by `specialize` (CUDA only, through
+`dense_prefill.DensePrefillExperts.use_kernels`) for 4-bit affine experts
+with bf16 scales; everywhere else MLX's ops run. Tested against MLX's
+dequantize and matmul on the GPU machine (tests/test_fast_paths.py);
+compile-checked anywhere with benchmarks/compile_cuda_kernels.py.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+from . import cuda_grouped, cuda_qmv
+
+# Output features of a block, inputs of a step, threads of a block (8 warps:
+# 2 over rows, 4 over features, each 16*MT rows x 32 features).
+BN, BK, THREADS = 128, 32, 256
+# m16 tiles of rows per warp: a block takes 32 * ROW_TILES rows of one
+# expert. On an H200 (benchmarks/prefill_gemm.py, medians of 5 rounds) 128-row
+# tiles beat 64-row ones at every size measured, even where an expert's last
+# tile is mostly empty: a layer's experts at 512 tokens 2.93 vs 3.61 ms, at
+# 2048 8.92 vs 12.52; q/k/v at 512 rows 0.19 vs 0.28.
+ROW_TILES = 4
+
+HEADER = r"""
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(src));
+}
+
+// four 8x8 bf16 matrices from shared memory (lanes 8i..8i+7 give matrix i's rows)
+__device__ __forceinline__ void ldsm4(unsigned* r, const void* p) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+// first position of sorted idx[0..n) holding a value >= e
+__device__ __forceinline__ int lower_bound(const uint32_t* idx, int n, uint32_t e) {
+    int lo = 0, hi = n;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (idx[mid] < e) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+// 16 four-bit codes (two words, natural order) -> 16 bf16 scale * q + bias, one rounding
+__device__ __forceinline__ void dequant16(uint2 q, __nv_bfloat162 s, __nv_bfloat162 b,
+                                          uint4* out) {
+    const unsigned int bits = 0x43004300u;  // 128 in each half
+    const __nv_bfloat162 base = *reinterpret_cast<const __nv_bfloat162*>(&bits);
+    unsigned int* o = reinterpret_cast<unsigned int*>(out);
+    const unsigned int words[2] = {q.x, q.y};
+    #pragma unroll
+    for (int wi = 0; wi < 2; wi++) {
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {  // codes 2j, 2j+1 of the word: bits 8j and 8j + 4
+            const unsigned int c = words[wi] >> (8 * j);
+            unsigned int v = (c & 0xFu) | ((c & 0xF0u) << 12) | bits;
+            const __nv_bfloat162 n = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), base);
+            const __nv_bfloat162 r = __hfma2(n, s, b);
+            o[wi * 4 + j] = *reinterpret_cast<const unsigned int*>(&r);
+        }
+    }
+}
+"""
+
+# x [P, K] bf16, rows sorted by expert (idx [P], uint32; GROUPED = 0: one matrix, idx
+# unused); w [E, NTOT, K/8] uint32, scales/biases [E, NTOT, K/GS] bf16 -> y [P, NS] bf16:
+# rows A..A+NS of each row's expert. Grid: (ceil(NS / 128), tiles of rows: at most
+# ceil(P / BM) + E - 1), blocks past the last tile return.
+GEMM = r"""
+    constexpr int BN = 128, BK = 32, BM = 32 * MT, LD = BK + 8;  // LD: rows padded 16 bytes
+    constexpr int KU = K / 8, G = K / GS, KT = K / BK;
+    __shared__ __align__(16) __nv_bfloat16 xs[2][BM * LD];
+    __shared__ __align__(16) __nv_bfloat16 ws[2][BN * LD];
+
+    // this block's expert e and tile of its rows: [start + m0, start + m0 + rows)
+    const int P = x_shape[0];
+    int tile = blockIdx.y, e = 0, start = 0, count = P;
+    if (GROUPED) {
+        int lo = 0;
+        for (; e < E; e++) {
+            const int hi = lower_bound(idx, P, uint32_t(e + 1));
+            const int tiles = (hi - lo + BM - 1) / BM;
+            if (tile < tiles) break;
+            tile -= tiles;
+            lo = hi;
+        }
+        if (e == E) return;
+        start = lo;
+        count = lower_bound(idx, P, uint32_t(e + 1)) - lo;
+    } else if (tile * BM >= P) {
+        return;
+    }
+    const int m0 = tile * BM;
+    const int rows = min(BM, count - m0);
+    const int n0 = blockIdx.x * BN;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 2, wn = warp & 3;
+
+    // this thread's weight row (of the tile's 128) and its half of a step's 32 inputs
+    const int wr = tid >> 1, wh = tid & 1;
+    const long wrow = long(e) * NTOT + A + min(n0 + wr, NS - 1);
+    const uint2* wp = reinterpret_cast<const uint2*>(w + wrow * KU) + wh;
+    const __nv_bfloat16* sp = scales + wrow * G;
+    const __nv_bfloat16* bp = biases + wrow * G;
+
+    auto load_x = [&](int kt, int stage) {
+        for (int i = tid; i < BM * 4; i += 256) {
+            const int r = i >> 2, c = i & 3;
+            const long row = start + m0 + min(r, rows - 1);
+            cp_async16(&xs[stage][r * LD + c * 8], x + row * K + kt * BK + c * 8);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    auto store_w = [&](uint2 q, int kt, int stage) {
+        const int g = (kt * BK + wh * 16) / GS;
+        uint4 out[2];
+        dequant16(q, __bfloat162bfloat162(sp[g]), __bfloat162bfloat162(bp[g]), out);
+        uint4* dst = reinterpret_cast<uint4*>(&ws[stage][wr * LD + wh * 16]);
+        dst[0] = out[0];
+        dst[1] = out[1];
+    };
+
+    float acc[MT][4][4];
+    #pragma unroll
+    for (int i = 0; i < MT; i++)
+        #pragma unroll
+        for (int j = 0; j < 4; j++)
+            #pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
+
+    load_x(0, 0);
+    store_w(__ldg(wp), 0, 0);
+    asm volatile("cp.async.wait_all;\n" ::);
+    __syncthreads();
+
+    for (int kt = 0; kt < KT; kt++) {
+        const int st = kt & 1;
+        const bool more = kt + 1 < KT;
+        uint2 q;
+        if (more) {
+            load_x(kt + 1, st ^ 1);
+            q = __ldg(wp + (kt + 1) * (BK / 16));
+        }
+        #pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            unsigned a[MT][4], b[4][2];
+            #pragma unroll
+            for (int i = 0; i < MT; i++)
+                ldsm4(a[i], &xs[st][(wm * 16 * MT + i * 16 + (lane & 15)) * LD
+                                    + kk * 16 + (lane >> 4) * 8]);
+            #pragma unroll
+            for (int jj = 0; jj < 2; jj++) {
+                unsigned r[4];
+                ldsm4(r, &ws[st][(wn * 32 + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD
+                                 + kk * 16 + ((lane >> 3) & 1) * 8]);
+                b[2 * jj][0] = r[0];
+                b[2 * jj][1] = r[1];
+                b[2 * jj + 1][0] = r[2];
+                b[2 * jj + 1][1] = r[3];
+            }
+            #pragma unroll
+            for (int i = 0; i < MT; i++)
+                #pragma unroll
+                for (int j = 0; j < 4; j++)
+                    mma16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
+        }
+        if (more) {
+            store_w(q, kt + 1, st ^ 1);
+            asm volatile("cp.async.wait_all;\n" ::);
+        }
+        __syncthreads();
+    }
+
+    #pragma unroll
+    for (int i = 0; i < MT; i++) {
+        const int r = wm * 16 * MT + i * 16 + (lane >> 2);
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int col = n0 + wn * 32 + j * 8 + (lane & 3) * 2;
+            if (col >= NS) continue;
+            if (r < rows)
+                *reinterpret_cast<__nv_bfloat162*>(y + long(start + m0 + r) * NS + col) =
+                    __floats2bfloat162_rn(acc[i][j][0], acc[i][j][1]);
+            if (r + 8 < rows)
+                *reinterpret_cast<__nv_bfloat162*>(y + long(start + m0 + r + 8) * NS + col) =
+                    __floats2bfloat162_rn(acc[i][j][2], acc[i][j][3]);
+        }
+    }
+"""
+
+
+def grouped_matmul(x: mx.array, layer: QuantizedSwitchLinear, indices: mx.array,
+                   rows: tuple[int, int] | None = None) -> mx.array:
+    """Rows a..b (default all) of each pair's expert against x, for indices
+    sorted: layer(x, indices, sorted_indices=True)[..., a:b], [P, 1, K], [P] -> [P, 1, b-a]."""
+    E, N, _ = layer.weight.shape
+    a, b = rows or (0, N)
+    return _gemm(x, layer, indices.astype(mx.uint32), E, N, a, b, True)
+
+
+def matmul(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
+    """layer(x) without its bias: [..., K] -> [..., N]."""
+    N = layer.weight.shape[0]
+    return _gemm(x, layer, mx.zeros((1,), mx.uint32), 1, N, 0, N, False)
+
+
+def _gemm(x: mx.array, layer: nn.Module, idx: mx.array, E: int, N: int, a: int, b: int,
+          grouped: bool) -> mx.array:
+    K = x.shape[-1]
+    flat = x.reshape(-1, K)
+    P = flat.shape[0]
+    bm = 32 * ROW_TILES
+    kernel = cuda_qmv._kernel("hermes_prefill_gemm", ["x", "idx", "w", "scales", "biases"],
+                              "y", GEMM, cuda_grouped.HEADER + HEADER)
+    y = kernel(inputs=[flat, idx, layer.weight, layer.scales, layer.biases],
+               template=[("E", E), ("NTOT", N), ("A", a), ("NS", b - a), ("K", K),
+                         ("GS", layer.group_size), ("MT", ROW_TILES), ("GROUPED", grouped)],
+               grid=(((b - a + BN - 1) // BN) * THREADS, (P + bm - 1) // bm + E - 1, 1),
+               threadgroup=(THREADS, 1, 1),
+               output_shapes=[(P, b - a)], output_dtypes=[mx.bfloat16])[0]
+    return y.reshape(*x.shape[:-1], b - a)
+
+
+def applies(layer: nn.Module) -> bool:
+    """GEMM takes 4-bit affine weights with bf16 scales, inputs in whole steps
+    and groups of whole 16-code halves, an even number of outputs."""
+    K = layer.weight.shape[-1] * 8
+    return (getattr(layer, "bits", None) == 4 and getattr(layer, "mode", "affine") == "affine"
+            and layer.scales.dtype == mx.bfloat16 and K % BK == 0
+            and layer.group_size % 16 == 0 and layer.weight.shape[-2] % 2 == 0)
+
+
+def linear_applies(layer: nn.Module, dtype: mx.Dtype) -> bool:
+    """Whether PrefillQuantizedLinear takes this layer: cuda_grouped's kernel
+    layer that GEMM takes, with at least a block's features (the router's 8
+    would leave 15/16 of each block idle: MLX's GEMM keeps it)."""
+    return (cuda_grouped.linear_applies(layer, dtype) and applies(layer)
+            and layer.weight.shape[0] >= BN)
+
+
+class PrefillQuantizedLinear(cuda_grouped.KernelQuantizedLinear):
+    """A 4-bit linear layer on CUDA (linear_applies) whose steps of more than
+    cuda_grouped.MAX_TOKENS rows (a prompt's) run GEMM: attention's q/k/v for
+    512 rows 0.19 ms against MLX's quantized_matmul's 0.27, o 0.15 vs 0.17
+    (H200, benchmarks/prefill_gemm.py). Fewer rows as KernelQuantizedLinear."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] > cuda_grouped.MAX_TOKENS:
+            y = matmul(x, self)
+            return y + self["bias"] if "bias" in self else y
+        return super().__call__(x)
