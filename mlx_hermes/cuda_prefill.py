@@ -6,15 +6,26 @@ rows of bf16 x grouped by expert (a prefill's sorted token-expert pairs:
 each expert's rows are a run of x) and 4-bit affine experts W [E, N, K].
 A block takes a tile of 32*MT rows of one expert and 128 output features,
 and walks K 32 inputs at a time: the rows of x copied to shared memory with
-cp.async, the weights' codes read into registers one step ahead and
-dequantized (scale * q + bias, rounded to bf16 once, as MLX's `dequantize`)
-into shared memory, the products on `mma.sync.m16n8k16` (bf16 in, float32
-sums). Nothing else is made: no float experts exist, so a prefill's peak
-memory is the activations'.
+cp.async two steps ahead, the weights' codes (with their scale and bias)
+read into registers one step ahead and dequantized (scale * q + bias,
+rounded to bf16 once, as MLX's `dequantize`) into shared memory, the
+products on `mma.sync.m16n8k16` (bf16 in, float32 sums). Nothing else is
+made: no float experts exist, so a prefill's peak memory is the
+activations' (8x7B, 4-bit, H200: 1.017x mlx-lm's at 512 tokens, 1.036x at
+2048; benchmarks/peak_memory.py).
+
+The first version kept one step of x in flight and read each step's scale
+and bias just before use: a layer's experts at 512 tokens 3.31 ms, 2048
+8.48 ms; with x two steps ahead and the scales read with the codes, 2.70
+and 7.72 (the same values; H200, medians of 5 alternating rounds). The
+result is bit-identical to MLX's dequantize and sorted gather_mm
+(benchmarks/prefill_gemm.py).
 
 Why: the dense prefill it replaces (dense_prefill.py: each layer's experts
-dequantized to bf16 by a kernel, then MLX's sorted `gather_mm`) spent 7.8 ms
-a layer on 512 tokens on an H200, 5.6 of them in `gather_mm` (~65 TFLOP/s).
+dequantized to bf16 by a kernel, then MLX's sorted `gather_mm`) spent 7.8-8.3
+ms a layer on 512 tokens on an H200, 5.6 of them in `gather_mm` (~65
+TFLOP/s). A 512-token prompt's prefill went from 1,333 to 3,519 tok/s
+(mlx-lm: 215), a 2048-token one from ~2,650 to 6,229 (mlx-lm: 218).
 
 Installed at load by `specialize` (CUDA only, through
 `dense_prefill.DensePrefillExperts.use_kernels`) for 4-bit affine experts
@@ -64,6 +75,19 @@ __device__ __forceinline__ int lower_bound(const uint32_t* idx, int n, uint32_t 
     return lo;
 }
 
+// element offset of 16-byte chunk c (of 4) of row r in a [rows][32] bf16 tile, XOR-swizzled:
+// the 8 rows ldmatrix reads of one chunk fall in distinct banks (rows are 64 bytes, so
+// unswizzled rows r and r + 2 would share them)
+__device__ __forceinline__ int swizzled(int r, int c) {
+    return r * 32 + ((c ^ ((r >> 1) & 3)) << 3);
+}
+
+// a step's 16 codes of one weight row, and their group's scale and bias
+struct StepCodes {
+    uint2 q;
+    __nv_bfloat16 s, b;
+};
+
 // 16 four-bit codes (two words, natural order) -> 16 bf16 scale * q + bias, one rounding
 __device__ __forceinline__ void dequant16(uint2 q, __nv_bfloat162 s, __nv_bfloat162 b,
                                           uint4* out) {
@@ -90,10 +114,10 @@ __device__ __forceinline__ void dequant16(uint2 q, __nv_bfloat162 s, __nv_bfloat
 # rows A..A+NS of each row's expert. Grid: (ceil(NS / 128), tiles of rows: at most
 # ceil(P / BM) + E - 1), blocks past the last tile return.
 GEMM = r"""
-    constexpr int BN = 128, BK = 32, BM = 32 * MT, LD = BK + 8;  // LD: rows padded 16 bytes
+    constexpr int BN = 128, BK = 32, BM = 32 * MT;
     constexpr int KU = K / 8, G = K / GS, KT = K / BK;
-    __shared__ __align__(16) __nv_bfloat16 xs[2][BM * LD];
-    __shared__ __align__(16) __nv_bfloat16 ws[2][BN * LD];
+    __shared__ __align__(128) __nv_bfloat16 xs[3][BM * BK];  // x: three steps in flight
+    __shared__ __align__(128) __nv_bfloat16 ws[2][BN * BK];  // dequantized weights: two
 
     // this block's expert e and tile of its rows: [start + m0, start + m0 + rows)
     const int P = x_shape[0];
@@ -130,17 +154,20 @@ GEMM = r"""
         for (int i = tid; i < BM * 4; i += 256) {
             const int r = i >> 2, c = i & 3;
             const long row = start + m0 + min(r, rows - 1);
-            cp_async16(&xs[stage][r * LD + c * 8], x + row * K + kt * BK + c * 8);
+            cp_async16(&xs[stage][swizzled(r, c)], x + row * K + kt * BK + c * 8);
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
-    auto store_w = [&](uint2 q, int kt, int stage) {
+    // a step's codes with their group's scale and bias, read a step before they are stored
+    auto load_w = [&](int kt) {
         const int g = (kt * BK + wh * 16) / GS;
+        return StepCodes{__ldg(wp + kt * (BK / 16)), sp[g], bp[g]};
+    };
+    auto store_w = [&](const StepCodes& c, int stage) {
         uint4 out[2];
-        dequant16(q, __bfloat162bfloat162(sp[g]), __bfloat162bfloat162(bp[g]), out);
-        uint4* dst = reinterpret_cast<uint4*>(&ws[stage][wr * LD + wh * 16]);
-        dst[0] = out[0];
-        dst[1] = out[1];
+        dequant16(c.q, __bfloat162bfloat162(c.s), __bfloat162bfloat162(c.b), out);
+        *reinterpret_cast<uint4*>(&ws[stage][swizzled(wr, 2 * wh)]) = out[0];
+        *reinterpret_cast<uint4*>(&ws[stage][swizzled(wr, 2 * wh + 1)]) = out[1];
     };
 
     float acc[MT][4][4];
@@ -151,31 +178,36 @@ GEMM = r"""
             #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
 
+    // steps 0 and 1 of x in flight, step 0 of the weights stored, step 1 in registers
     load_x(0, 0);
-    store_w(__ldg(wp), 0, 0);
-    asm volatile("cp.async.wait_all;\n" ::);
+    if (KT > 1) load_x(1, 1); else asm volatile("cp.async.commit_group;\n" ::);
+    store_w(load_w(0), 0);
+    StepCodes next = load_w(min(1, KT - 1));
+    asm volatile("cp.async.wait_group 1;\n" ::);
     __syncthreads();
 
+    int st = 0;  // kt % 3
     for (int kt = 0; kt < KT; kt++) {
-        const int st = kt & 1;
-        const bool more = kt + 1 < KT;
-        uint2 q;
-        if (more) {
-            load_x(kt + 1, st ^ 1);
-            q = __ldg(wp + (kt + 1) * (BK / 16));
+        const int ws_st = kt & 1;
+        StepCodes after;
+        if (kt + 2 < KT) {
+            load_x(kt + 2, st == 0 ? 2 : st - 1);
+            after = load_w(kt + 2);
+        } else {
+            asm volatile("cp.async.commit_group;\n" ::);  // keeps wait_group 1 meaning x's step kt+1
         }
         #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
             unsigned a[MT][4], b[4][2];
             #pragma unroll
             for (int i = 0; i < MT; i++)
-                ldsm4(a[i], &xs[st][(wm * 16 * MT + i * 16 + (lane & 15)) * LD
-                                    + kk * 16 + (lane >> 4) * 8]);
+                ldsm4(a[i], &xs[st][swizzled(wm * 16 * MT + i * 16 + (lane & 15),
+                                             kk * 2 + (lane >> 4))]);
             #pragma unroll
             for (int jj = 0; jj < 2; jj++) {
                 unsigned r[4];
-                ldsm4(r, &ws[st][(wn * 32 + jj * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD
-                                 + kk * 16 + ((lane >> 3) & 1) * 8]);
+                ldsm4(r, &ws[ws_st][swizzled(wn * 32 + jj * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                             kk * 2 + ((lane >> 3) & 1))]);
                 b[2 * jj][0] = r[0];
                 b[2 * jj][1] = r[1];
                 b[2 * jj + 1][0] = r[2];
@@ -187,11 +219,11 @@ GEMM = r"""
                 for (int j = 0; j < 4; j++)
                     mma16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
         }
-        if (more) {
-            store_w(q, kt + 1, st ^ 1);
-            asm volatile("cp.async.wait_all;\n" ::);
-        }
+        if (kt + 1 < KT) store_w(next, ws_st ^ 1);
+        next = after;
+        asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads();
+        st = st == 2 ? 0 : st + 1;
     }
 
     #pragma unroll
