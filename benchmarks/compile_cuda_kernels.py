@@ -34,8 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_hermes import cuda_attention, cuda_grouped, cuda_layer, cuda_prefill, cuda_qmv, \
-    dense_prefill  # noqa: E402
+from mlx_hermes import cuda_attention, cuda_grouped, cuda_layer, cuda_prefill, cuda_qmv  # noqa: E402
 
 BF16, U32, F32, I32 = "__nv_bfloat16", "uint32_t", "float", "int32_t"
 QMV, GROUPED = cuda_qmv.HEADER, cuda_qmv.HEADER + cuda_grouped.HEADER
@@ -70,9 +69,6 @@ KERNELS = [
     ("add_rms_norm", cuda_qmv.HEADER, [("x", BF16), ("a", BF16), ("w", BF16)],
      [("h", BF16), ("n", BF16)], cuda_layer.ADD_RMS_NORM,
      {"D": 4096, "EPS": cuda_layer._float_bits(1e-5)}),
-    ("dequant_rows", cuda_qmv.HEADER, [("w", U32), ("scales", BF16), ("biases", BF16)],
-     [("y", BF16)], dense_prefill.DEQUANT_ROWS,
-     {"E": 8, "NTOT": 28672, "A": 14336, "NS": 14336, "K": 4096, "GS": 64}),
     ("prefill_gemm", GROUPED + cuda_prefill.HEADER,
      [("x", BF16), ("idx", U32), ("w", U32), ("scales", BF16), ("biases", BF16)],
      [("y", BF16)], cuda_prefill.GEMM,
