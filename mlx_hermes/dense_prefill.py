@@ -80,10 +80,12 @@ class DensePrefillExperts(Experts):
     # a frozenset, not a dict: mlx.nn.Module would take a dict for a child module
     gemm_projections: frozenset = frozenset()
 
-    def use_kernels(self) -> "DensePrefillExperts":
-        """The GEMM kernel for each projection it takes."""
+    def use_kernels(self, dtype: mx.Dtype) -> "DensePrefillExperts":
+        """The GEMM kernel for each projection it takes, for activations of
+        `dtype` (it reads bf16 only)."""
         self.gemm_projections = frozenset(
-            name for name, layer in self.children().items() if cuda_prefill.applies(layer))
+            name for name, layer in self.children().items()
+            if dtype == mx.bfloat16 and cuda_prefill.applies(layer))
         return self
 
     def _project(self, name: str, h: mx.array, indices: mx.array,

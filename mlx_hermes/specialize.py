@@ -69,6 +69,7 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
             install(layer.block_sparse_moe.switch_mlp, cpu.StreamedExperts).streams = streams
         installed.append("cpu-experts")
     on_cuda = chip.on_cuda(device)
+    dtype = model.model.norm.weight.dtype  # the activations'
     if on_cuda and paths.dense_prefill:
         for layer in model.layers:
             block = layer.block_sparse_moe
@@ -76,10 +77,9 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
                 experts = install(block.switch_mlp, dense_prefill.DensePrefillExperts)
                 experts.min_pairs = dense_prefill.DENSE_PREFILL_MIN_TOKENS * block.top_k
                 if paths.cuda_kernels:
-                    experts.use_kernels()
+                    experts.use_kernels(dtype)
                 installed.append("dense-prefill")
     if on_cuda and paths.cuda_kernels:
-        dtype = model.model.norm.weight.dtype
         for layer in model.layers:
             if cuda_qmv.applies(layer.block_sparse_moe, dtype):
                 install(layer.block_sparse_moe, cuda_qmv.KernelMoeBlock)

@@ -67,10 +67,11 @@ def test_dense_prefill_kernel_is_chosen_for_4_bit_bf16_experts_only():
         "group_size": 64, "bits": 8 if path == "down_proj" else 4, "mode": "affine"})
     block.set_dtype(mx.bfloat16)
     block.switch_mlp.fuse()
-    experts = install(block.switch_mlp, dense_prefill.DensePrefillExperts).use_kernels()
-    assert experts.gemm_projections == {"gate_up_proj"}
+    experts = install(block.switch_mlp, dense_prefill.DensePrefillExperts)
+    assert experts.use_kernels(mx.bfloat16).gemm_projections == {"gate_up_proj"}
+    assert experts.use_kernels(mx.float16).gemm_projections == set()  # it reads bf16 only
     block.set_dtype(mx.float32)  # float32 scales: MLX's
-    assert experts.use_kernels().gemm_projections == set()
+    assert experts.use_kernels(mx.bfloat16).gemm_projections == set()
 
 
 def _close_to(got: mx.array, want: mx.array, what) -> None:
@@ -108,7 +109,7 @@ def test_cuda_prefill_gemm_equals_dequantize_and_matmul(group_size):
                                 sorted_indices=True)
             _close_to(cuda_prefill.grouped_matmul(inputs, layer, indices, (a, b)), want, (a, b))
     plain = experts.sorted_mlp(x, indices)
-    assert experts.use_kernels().gemm_projections == {"gate_up_proj", "down_proj"}
+    assert experts.use_kernels(mx.bfloat16).gemm_projections == {"gate_up_proj", "down_proj"}
     _close_to(experts.sorted_mlp(x, indices), plain, "sorted_mlp")
 
     linear = nn.QuantizedLinear(256, 200, bias=True, group_size=group_size, bits=4)
