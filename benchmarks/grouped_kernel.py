@@ -59,6 +59,14 @@ def timed(fn, trials: int) -> float:
     return best
 
 
+def two_layers(group_size: int = 64):
+    """Two synthetic 8x7B layers (random 4-bit weights, bf16, this machine's
+    fast paths), for benchmarks of one layer's parts; exits where there is no CUDA."""
+    if not mx.cuda.is_available():
+        sys.exit("error: CUDA only")
+    return prof.synthetic_model("8x7b", 2, 4, group_size=group_size, dtype=mx.bfloat16)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,2,4,8,16,32,64")
@@ -66,9 +74,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
-    if not mx.cuda.is_available():
-        sys.exit("error: CUDA only")
-    model = prof.synthetic_model("8x7b", 2, 4, group_size=a.group_size, dtype=mx.bfloat16)
+    model = two_layers(a.group_size)
     block = model.layers[0].block_sparse_moe
     experts = block.switch_mlp
     E, k = model.args.num_local_experts, block.top_k

@@ -31,9 +31,8 @@ import mlx.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grouped_kernel import _gpu_name  # noqa: E402
+from grouped_kernel import _gpu_name, two_layers  # noqa: E402
 from mlx_hermes import cuda_prefill  # noqa: E402
-from mlx_hermes import profile as prof  # noqa: E402
 from mlx_hermes.dense_prefill import DensePrefillExperts  # noqa: E402
 from mlx_hermes.specialize import install  # noqa: E402
 
@@ -58,9 +57,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
-    if not mx.cuda.is_available():
-        sys.exit("error: CUDA only")
-    model = prof.synthetic_model("8x7b", 2, 4, group_size=a.group_size, dtype=mx.bfloat16)
+    model = two_layers(a.group_size)
     layer = model.layers[0]
     experts = install(layer.block_sparse_moe.switch_mlp, DensePrefillExperts)
     experts.min_pairs = 1
