@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+
 def on_cuda(device: Optional[mx.Device] = None) -> bool:
     """Whether `device` (default: MLX's default device) is the GPU of MLX's
     CUDA build: where the CUDA-only paths and workarounds apply."""

@@ -248,28 +248,32 @@ def grouped_matmul(x: mx.array, layer: QuantizedSwitchLinear, indices: mx.array,
                    rows: tuple[int, int] | None = None) -> mx.array:
     """Rows a..b (default all) of each pair's expert against x, for indices
     sorted: layer(x, indices, sorted_indices=True)[..., a:b], [P, 1, K], [P] -> [P, 1, b-a]."""
-    E, N, _ = layer.weight.shape
-    a, b = rows or (0, N)
-    return _gemm(x, layer, indices.astype(mx.uint32), E, N, a, b, True)
+    return _gemm(x, layer, indices.astype(mx.uint32), rows)
 
 
 def matmul(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
     """layer(x) without its bias: [..., K] -> [..., N]."""
-    N = layer.weight.shape[0]
-    return _gemm(x, layer, mx.zeros((1,), mx.uint32), 1, N, 0, N, False)
+    return _gemm(x, layer, None, None)
 
 
-def _gemm(x: mx.array, layer: nn.Module, idx: mx.array, E: int, N: int, a: int, b: int,
-          grouped: bool) -> mx.array:
+def _gemm(x: mx.array, layer: nn.Module, indices: mx.array | None,
+          rows: tuple[int, int] | None) -> mx.array:
+    """GEMM of x against weights [E, N, K/8] grouped by sorted `indices`, or
+    [N, K/8] (indices None): output features a..b of rows (default all)."""
+    N = layer.weight.shape[-2]
+    E = layer.weight.shape[0] if indices is not None else 1
+    a, b = rows or (0, N)
     K = x.shape[-1]
     flat = x.reshape(-1, K)
     P = flat.shape[0]
     bm = 32 * ROW_TILES
+    idx = indices if indices is not None else mx.zeros((1,), mx.uint32)  # unread
     kernel = cuda_qmv._kernel("hermes_prefill_gemm", ["x", "idx", "w", "scales", "biases"],
                               "y", GEMM, cuda_grouped.HEADER + HEADER)
     y = kernel(inputs=[flat, idx, layer.weight, layer.scales, layer.biases],
                template=[("E", E), ("NTOT", N), ("A", a), ("NS", b - a), ("K", K),
-                         ("GS", layer.group_size), ("MT", ROW_TILES), ("GROUPED", grouped)],
+                         ("GS", layer.group_size), ("MT", ROW_TILES),
+                         ("GROUPED", indices is not None)],
                grid=(((b - a + BN - 1) // BN) * THREADS, (P + bm - 1) // bm + E - 1, 1),
                threadgroup=(THREADS, 1, 1),
                output_shapes=[(P, b - a)], output_dtypes=[mx.bfloat16])[0]

@@ -44,7 +44,7 @@ class FastPaths:
 
     cpu_streams: bool = True  # every core of a CPU
     cuda_kernels: bool = True  # kernels (CUDA): experts, linear layers, attention, prefill GEMM
-    dense_prefill: bool = True  # dequantized experts for long prompts (CUDA)
+    dense_prefill: bool = True  # a prompt's experts: the prefill GEMM or float experts (CUDA)
 
     @classmethod
     def none(cls) -> "FastPaths":
