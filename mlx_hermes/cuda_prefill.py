@@ -5,27 +5,34 @@ One kernel (`GEMM`, through `mx.fast.cuda_kernel`) computes y = x W^T for
 rows of bf16 x grouped by expert (a prefill's sorted token-expert pairs:
 each expert's rows are a run of x) and 4-bit affine experts W [E, N, K].
 A block takes a tile of 32*MT rows of one expert and 128 output features,
-and walks K 32 inputs at a time: the rows of x copied to shared memory with
+and walks K 64 inputs at a time: the rows of x copied to shared memory with
 cp.async two steps ahead, the weights' codes (with their scale and bias)
 read into registers one step ahead and dequantized (scale * q + bias,
 rounded to bf16 once, as MLX's `dequantize`) into shared memory, the
 products on `mma.sync.m16n8k16` (bf16 in, float32 sums). Nothing else is
-made: no float experts exist, so a prefill's peak memory is the
-activations' (8x7B, 4-bit, H200: 1.017x mlx-lm's at 512 tokens, 1.036x at
-2048; benchmarks/peak_memory.py).
+made: no float experts exist.
 
 The first version kept one step of x in flight and read each step's scale
 and bias just before use: a layer's experts at 512 tokens 3.31 ms, 2048
 8.48 ms; with x two steps ahead and the scales read with the codes, 2.70
-and 7.72 (the same values; H200, medians of 5 alternating rounds). The
-result is bit-identical to MLX's dequantize and sorted gather_mm
-(benchmarks/prefill_gemm.py).
+and 7.72 (H200, medians of 5 alternating rounds). Nsight Compute then
+showed the L1/shared-memory pipe the busiest unit (75%; issue slots 35%
+busy, stalls mostly on shared memory), with each warp's 8-byte code loads
+touching 16 rows' lines a step: steps of 64 inputs instead of 32 (16-byte
+code loads, half the steps, barriers and scale reads; 80 KB of dynamic
+shared memory, still two blocks an SM) took the experts from 2.69 to 2.32
+ms at 512 tokens, 7.37 to 6.32 at 2048, and 1.77 to 1.56 at 32-128 tokens,
+in one run against the 32-input kernel. Every version's result is
+bit-identical to MLX's dequantize and sorted gather_mm (the float32 sums
+run in the same order; benchmarks/prefill_gemm.py). Skipping the empty m16
+tiles of an expert's last row tile saved 3% at 512 tokens and cost 1-3% at
+1024-2048: not kept.
 
 Why: the dense prefill it replaces (dense_prefill.py: each layer's experts
 dequantized to bf16 by a kernel, then MLX's sorted `gather_mm`) spent 7.8-8.3
 ms a layer on 512 tokens on an H200, 5.6 of them in `gather_mm` (~65
-TFLOP/s). A 512-token prompt's prefill went from 1,333 to 3,519 tok/s
-(mlx-lm: 215), a 2048-token one from ~2,650 to 6,229 (mlx-lm: 218).
+TFLOP/s). A 512-token prompt's prefill went from 1,333 to 3,850-4,140 tok/s
+(mlx-lm: 214-215), a 2048-token one from ~2,650 to 6,880 (mlx-lm: 219).
 
 Installed at load by `specialize` (CUDA only, through
 `dense_prefill.DensePrefillExperts.use_kernels`) for 4-bit affine experts
@@ -44,13 +51,15 @@ from . import cuda_grouped, cuda_qmv
 
 # Output features of a block, inputs of a step, threads of a block (8 warps:
 # 2 over rows, 4 over features, each 16*MT rows x 32 features).
-BN, BK, THREADS = 128, 32, 256
+BN, BK, THREADS = 128, 64, 256
 # m16 tiles of rows per warp: a block takes 32 * ROW_TILES rows of one
 # expert. On an H200 (benchmarks/prefill_gemm.py, medians of 5 rounds) 128-row
 # tiles beat 64-row ones at every size measured, even where an expert's last
 # tile is mostly empty: a layer's experts at 512 tokens 2.93 vs 3.61 ms, at
 # 2048 8.92 vs 12.52; q/k/v at 512 rows 0.19 vs 0.28.
 ROW_TILES = 4
+# a block's x (three steps) and dequantized weights (two), bf16
+SHARED_MEMORY = (3 * 32 * ROW_TILES + 2 * BN) * BK * 2
 
 HEADER = r"""
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -75,16 +84,16 @@ __device__ __forceinline__ int lower_bound(const uint32_t* idx, int n, uint32_t 
     return lo;
 }
 
-// element offset of 16-byte chunk c (of 4) of row r in a [rows][32] bf16 tile, XOR-swizzled:
-// the 8 rows ldmatrix reads of one chunk fall in distinct banks (rows are 64 bytes, so
-// unswizzled rows r and r + 2 would share them)
+// element offset of 16-byte chunk c (of 8) of row r in a [rows][64] bf16 tile, XOR-swizzled:
+// the 8 rows ldmatrix reads of one chunk fall in distinct banks (rows are 128 bytes, so
+// unswizzled they would all share them)
 __device__ __forceinline__ int swizzled(int r, int c) {
-    return r * 32 + ((c ^ ((r >> 1) & 3)) << 3);
+    return r * 64 + ((c ^ (r & 7)) << 3);
 }
 
-// a step's 16 codes of one weight row, and their group's scale and bias
+// a step's 32 codes of one weight row, and their group's scale and bias
 struct StepCodes {
-    uint2 q;
+    uint4 q;
     __nv_bfloat16 s, b;
 };
 
@@ -114,10 +123,12 @@ __device__ __forceinline__ void dequant16(uint2 q, __nv_bfloat162 s, __nv_bfloat
 # rows A..A+NS of each row's expert. Grid: (ceil(NS / 128), tiles of rows: at most
 # ceil(P / BM) + E - 1), blocks past the last tile return.
 GEMM = r"""
-    constexpr int BN = 128, BK = 32, BM = 32 * MT;
+    constexpr int BN = 128, BK = 64, BM = 32 * MT;
     constexpr int KU = K / 8, G = K / GS, KT = K / BK;
-    __shared__ __align__(128) __nv_bfloat16 xs[3][BM * BK];  // x: three steps in flight
-    __shared__ __align__(128) __nv_bfloat16 ws[2][BN * BK];  // dequantized weights: two
+    // x: three steps in flight; the dequantized weights: two (80 KB: dynamic shared memory)
+    extern __shared__ __align__(128) unsigned char smem[];
+    auto xs = reinterpret_cast<__nv_bfloat16 (*)[BM * BK]>(smem);
+    auto ws = reinterpret_cast<__nv_bfloat16 (*)[BN * BK]>(smem + 3 * BM * BK * 2);
 
     // this block's expert e and tile of its rows: [start + m0, start + m0 + rows)
     const int P = x_shape[0];
@@ -143,16 +154,17 @@ GEMM = r"""
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3;
 
-    // this thread's weight row (of the tile's 128) and its half of a step's 32 inputs
+    // this thread's weight row (of the tile's 128) and its half of a step's 64 inputs
     const int wr = tid >> 1, wh = tid & 1;
     const long wrow = long(e) * NTOT + A + min(n0 + wr, NS - 1);
-    const uint2* wp = reinterpret_cast<const uint2*>(w + wrow * KU) + wh;
+    const uint4* wp = reinterpret_cast<const uint4*>(w + wrow * KU) + wh;
     const __nv_bfloat16* sp = scales + wrow * G;
     const __nv_bfloat16* bp = biases + wrow * G;
 
     auto load_x = [&](int kt, int stage) {
-        for (int i = tid; i < BM * 4; i += 256) {
-            const int r = i >> 2, c = i & 3;
+        #pragma unroll
+        for (int i = tid; i < BM * 8; i += 256) {
+            const int r = i >> 3, c = i & 7;
             const long row = start + m0 + min(r, rows - 1);
             cp_async16(&xs[stage][swizzled(r, c)], x + row * K + kt * BK + c * 8);
         }
@@ -160,14 +172,17 @@ GEMM = r"""
     };
     // a step's codes with their group's scale and bias, read a step before they are stored
     auto load_w = [&](int kt) {
-        const int g = (kt * BK + wh * 16) / GS;
-        return StepCodes{__ldg(wp + kt * (BK / 16)), sp[g], bp[g]};
+        const int g = (kt * BK + wh * 32) / GS;
+        return StepCodes{__ldg(wp + kt * 2), sp[g], bp[g]};
     };
     auto store_w = [&](const StepCodes& c, int stage) {
-        uint4 out[2];
-        dequant16(c.q, __bfloat162bfloat162(c.s), __bfloat162bfloat162(c.b), out);
-        *reinterpret_cast<uint4*>(&ws[stage][swizzled(wr, 2 * wh)]) = out[0];
-        *reinterpret_cast<uint4*>(&ws[stage][swizzled(wr, 2 * wh + 1)]) = out[1];
+        const __nv_bfloat162 s2 = __bfloat162bfloat162(c.s), b2 = __bfloat162bfloat162(c.b);
+        uint4 out[4];
+        dequant16(make_uint2(c.q.x, c.q.y), s2, b2, out);
+        dequant16(make_uint2(c.q.z, c.q.w), s2, b2, out + 2);
+        #pragma unroll
+        for (int j = 0; j < 4; j++)
+            *reinterpret_cast<uint4*>(&ws[stage][swizzled(wr, 4 * wh + j)]) = out[j];
     };
 
     float acc[MT][4][4];
@@ -196,7 +211,7 @@ GEMM = r"""
         } else {
             asm volatile("cp.async.commit_group;\n" ::);  // keeps wait_group 1 meaning x's step kt+1
         }
-        #pragma unroll
+        #pragma unroll 2  // fully unrolled, the next kk's fragments would not fit 2 blocks an SM
         for (int kk = 0; kk < BK / 16; kk++) {
             unsigned a[MT][4], b[4][2];
             #pragma unroll
@@ -269,7 +284,8 @@ def _gemm(x: mx.array, layer: nn.Module, indices: mx.array | None,
     bm = 32 * ROW_TILES
     idx = indices if indices is not None else mx.zeros((1,), mx.uint32)  # unread
     kernel = cuda_qmv._kernel("hermes_prefill_gemm", ["x", "idx", "w", "scales", "biases"],
-                              "y", GEMM, cuda_grouped.HEADER + HEADER)
+                              "y", GEMM, cuda_grouped.HEADER + HEADER,
+                              shared_memory=SHARED_MEMORY)
     y = kernel(inputs=[flat, idx, layer.weight, layer.scales, layer.biases],
                template=[("E", E), ("NTOT", N), ("A", a), ("NS", b - a), ("K", K),
                          ("GS", layer.group_size), ("MT", ROW_TILES),
@@ -282,11 +298,11 @@ def _gemm(x: mx.array, layer: nn.Module, indices: mx.array | None,
 
 def applies(layer: nn.Module) -> bool:
     """GEMM takes 4-bit affine weights with bf16 scales, inputs in whole steps
-    and groups of whole 16-code halves, an even number of outputs."""
+    and groups of whole 32-code halves, an even number of outputs."""
     K = layer.weight.shape[-1] * 8
     return (getattr(layer, "bits", None) == 4 and getattr(layer, "mode", "affine") == "affine"
             and layer.scales.dtype == mx.bfloat16 and K % BK == 0
-            and layer.group_size % 16 == 0 and layer.weight.shape[-2] % 2 == 0)
+            and layer.group_size % 32 == 0 and layer.weight.shape[-2] % 2 == 0)
 
 
 def linear_applies(layer: nn.Module, dtype: mx.Dtype) -> bool:

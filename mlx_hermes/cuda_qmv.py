@@ -214,21 +214,23 @@ _kernels: dict = {}
 
 
 def _kernel(name: str, inputs: list[str], output: str | list[str], source: str,
-            extra_header: str = "", contiguous: bool = True):
+            extra_header: str = "", contiguous: bool = True, shared_memory: int = 0):
     """The kernel `name`, made on its first call in a process and looked up by
     name after that (every MoE block calls this each token). MLX caches a
     compiled kernel on disk (/tmp/mlx/<version>/ptx) under its name and
     template values only, so the name given to MLX carries a hash of the
     source: an edited kernel is never served from an old compile.
     `contiguous=False`: inputs reach the kernel as they are (views too), and
-    the kernel reads their strides."""
+    the kernel reads their strides. `shared_memory`: bytes of dynamic shared
+    memory a block gets (`extern __shared__`; MLX raises the kernel's limit
+    past 48 KB when asked for more)."""
     if name not in _kernels:
         header = HEADER + extra_header
         digest = hashlib.sha1((header + source).encode()).hexdigest()[:10]
         _kernels[name] = mx.fast.cuda_kernel(
             name=f"{name}_{digest}", input_names=inputs,
             output_names=[output] if isinstance(output, str) else output, source=source,
-            header=header, ensure_row_contiguous=contiguous)
+            header=header, ensure_row_contiguous=contiguous, shared_memory=shared_memory)
     return _kernels[name]
 
 
