@@ -53,7 +53,7 @@ from . import cuda_grouped, cuda_qmv
 # 2 over rows, 4 over features, each 16*MT rows x 32 features).
 BN, BK, THREADS = 128, 64, 256
 # m16 tiles of rows per warp: a block takes 32 * ROW_TILES rows of one
-# expert. On an H200 (benchmarks/prefill_gemm.py, medians of 5 rounds) 128-row
+# expert. On an H200 (32-input steps, benchmarks/prefill_gemm.py, medians of 5) 128-row
 # tiles beat 64-row ones at every size measured, even where an expert's last
 # tile is mostly empty: a layer's experts at 512 tokens 2.93 vs 3.61 ms, at
 # 2048 8.92 vs 12.52; q/k/v at 512 rows 0.19 vs 0.28.
