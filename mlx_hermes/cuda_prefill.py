@@ -50,7 +50,9 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from . import cuda_grouped, cuda_qmv
 
 # Output features of a block, inputs of a step, threads of a block (8 warps:
-# 2 over rows, 4 over features, each 16*MT rows x 32 features).
+# 2 over rows, 4 over features, each 16*MT rows x 32 features): GEMM's own
+# constants, which its loads and swizzle are written for (BK = 64: a thread's
+# 32 codes are one 16-byte load); here for the grid and the shared memory.
 BN, BK, THREADS = 128, 64, 256
 # m16 tiles of rows per warp: a block takes 32 * ROW_TILES rows of one
 # expert. On an H200 (32-input steps, benchmarks/prefill_gemm.py, medians of 5) 128-row

@@ -10,8 +10,8 @@ others (other bits, float32 scales) are dequantized by MLX a slice at a time
 and run as float gathered matmuls (`dense_project`). A dequantize kernel of
 ours (the tenth session's `DEQUANT_ROWS`: 0.66 ms against MLX's 1.07 for one
 8x7B projection on an H200) served the 4-bit experts before the GEMM did and
-was removed with it: a layer at 512 tokens took 7.8 ms with it, 2.7 with the
-GEMM (benchmarks/RESULTS.md).
+was removed with it: a layer's experts at 512 tokens took 7.8 ms with it, 2.3
+with the GEMM (H200, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
