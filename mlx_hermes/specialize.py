@@ -14,9 +14,10 @@ side by side, and a checkpoint saved from either is the same):
   steps of a few rows through cuda_grouped.py and a prompt's rows through
   cuda_prefill.py's tensor-core GEMM, every other quantized linear layer's
   batched steps as one 2-D matrix (MLX's GEMM), batched decode steps'
-  attention over the padded batch cache (cuda_attention.py), and long
+  attention over the padded batch cache (cuda_attention.py), long
   prefills' experts through that GEMM (dense_prefill.py; through float
-  experts where it does not apply).
+  experts where it does not apply), and a prompt queued a layer at a time
+  (cuda_prompt.py: bounded memory).
 
 Before that, q/k/v and gate/up are joined into one matrix each (fusion.py):
 a layout change every backend gains from. On Metal nothing else is installed:
@@ -33,8 +34,8 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import (chip, cpu, cuda_attention, cuda_grouped, cuda_layer, cuda_prefill, cuda_qmv,
-               dense_prefill)
+from . import (chip, cpu, cuda_attention, cuda_grouped, cuda_layer, cuda_prefill, cuda_prompt,
+               cuda_qmv, dense_prefill)
 from .model import Model
 
 
@@ -45,6 +46,7 @@ class FastPaths:
     cpu_streams: bool = True  # every core of a CPU
     cuda_kernels: bool = True  # kernels (CUDA): experts, linear layers, attention, prefill GEMM
     dense_prefill: bool = True  # a prompt's experts: the prefill GEMM or float experts (CUDA)
+    layer_by_layer: bool = True  # a prompt queued a layer at a time: bounded memory (CUDA)
 
     @classmethod
     def none(cls) -> "FastPaths":
@@ -70,6 +72,9 @@ def specialize(model: Model, paths: FastPaths = FastPaths(),
         installed.append("cpu-experts")
     on_cuda = chip.on_cuda(device)
     dtype = model.model.norm.weight.dtype  # the activations'
+    if on_cuda and paths.layer_by_layer:
+        install(model.model, cuda_prompt.LayerByLayerModel)
+        installed.append("cuda-layer-by-layer")
     if on_cuda and paths.dense_prefill:
         for layer in model.layers:
             block = layer.block_sparse_moe

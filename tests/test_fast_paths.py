@@ -127,6 +127,31 @@ def test_cuda_prefill_gemm_equals_dequantize_and_matmul(group_size):
         _close_to(got, want, ("layer", shape))
 
 
+def test_a_prompt_is_queued_layer_by_layer_and_a_decode_step_at_once(hf_checkpoint,
+                                                                       monkeypatch):
+    """LayerByLayerModel (installed on CUDA) queues a cached step of more than
+    MAX_TOKENS tokens with an async_eval a layer, with the portable model's
+    logits exactly; a decode step and an uncached call run as the portable model."""
+    from mlx_hermes import cuda_prompt
+    from mlx_hermes.cache import make_cache
+
+    model, _ = mlx_hermes.load(hf_checkpoint, fast_paths=FastPaths.none())
+    tokens = mx.array([prompt(cuda_prompt.MAX_TOKENS + 1, seed=5)])
+    want = model(tokens, cache=make_cache(model))
+    install(model.model, cuda_prompt.LayerByLayerModel)
+    queued = []
+    async_eval = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (queued.append(a), async_eval(*a))[1])
+    cache = make_cache(model)
+    got = model(tokens, cache=cache)
+    assert len(queued) == len(model.layers)
+    assert mx.array_equal(got, want)
+    queued.clear()
+    model(mx.array([[5]]), cache=cache)
+    model(tokens)
+    assert queued == []
+
+
 def test_float_experts_have_nothing_to_dequantize(loaded):
     model, _ = loaded()
     assert not dense_prefill.applies(model.layers[0].block_sparse_moe.switch_mlp)
@@ -144,6 +169,7 @@ def test_each_fast_path_is_installed_where_it_applies_only(mlx_lm_quantized):
     installed = specialize(model)
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     assert ("dense-prefill" in installed) == on_cuda
+    assert ("cuda-layer-by-layer" in installed) == on_cuda
     assert on_cuda or not {"cuda-linear", "cuda-flat-linear", "cuda-attention",
                            "cuda-layer"} & set(installed)
     multicore_cpu = mx.default_device() == mx.cpu and len(cpu.streams()) > 1
