@@ -14,7 +14,7 @@ one) keeps about two layers' worth alive. On an H200 (MLX 0.32.4 CUDA, 8x7B
 | --- | --- | --- | --- |
 | 512 | CUDA paths | 4.48 -> 0.38 GB | 4,293 -> 4,686 |
 | 2048 | CUDA paths | 10.55 -> 1.58 GB | 7,518 -> 7,662 |
-| 512 | portable | 4.76 -> 0.28 GB | 213.3 -> 207.1 (3% slower) |
+| 512 | portable, with it (not kept) | 4.76 -> 0.28 GB | 213.3 -> 207.1 (3% slower) |
 
 Metal ends a command buffer after ~40 MB of touched arrays as well as after
 a number of ops, and every expert op touches the stacked experts (hundreds
@@ -50,6 +50,6 @@ class LayerByLayerModel(MixtralModel):
             h = layer(h, mask, c)
             mx.async_eval(h)
             if previous is not None:
-                mx.eval(previous)  # the layer before is done; this one is queued
+                mx.eval(previous)  # waits for the layer before, while this one stays queued
             previous = h
         return self.norm(h)
