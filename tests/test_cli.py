@@ -9,12 +9,11 @@ import shutil
 import subprocess
 import sys
 
-import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
 import mlx_hermes
-from mlx_hermes import HermesError
+from mlx_hermes import HermesError, chip
 from mlx_hermes.cli import main
 
 from .conftest import ROOT, copy_model
@@ -120,7 +119,7 @@ def test_portable_gives_the_same_tokens(tiny_model):
 
 
 def test_every_documented_option_runs_on_the_tiny_model(tiny_model):
-    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    on_cuda = chip.on_cuda()
     for bits in ("4", "8"):
         result = run("generate", "-m", str(tiny_model), "-p", "Hello", "-n", "4",
                      "--kv-bits", bits)

@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_hermes
-from mlx_hermes import dense_prefill
+from mlx_hermes import chip, dense_prefill
 from mlx_hermes.model import Model
 from mlx_hermes.moe import SparseMoeBlock, _route
 from mlx_hermes.specialize import FastPaths, install, specialize
@@ -81,7 +81,7 @@ def _close_to(got: mx.array, want: mx.array, what) -> None:
     assert np.all(np.abs(got - want) <= 2 ** -7 * np.abs(want) + 1e-3 * np.abs(want).max()), what
 
 
-@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+@pytest.mark.skipif(not chip.on_cuda(),
                     reason="a CUDA kernel: runs on the GPU machine")
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_cuda_prefill_gemm_equals_dequantize_and_matmul(group_size):
@@ -167,7 +167,7 @@ def test_each_fast_path_is_installed_where_it_applies_only(mlx_lm_quantized):
     assert specialize(model, FastPaths.none()) == []
     model, _ = mlx_hermes.load(path, lazy=True, fast_paths=FastPaths.none())
     installed = specialize(model)
-    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    on_cuda = chip.on_cuda()
     assert ("dense-prefill" in installed) == on_cuda
     assert ("cuda-layer-by-layer" in installed) == on_cuda
     assert on_cuda or not {"cuda-linear", "cuda-flat-linear", "cuda-attention",
@@ -218,7 +218,7 @@ def float32_routers(model) -> None:
         layer.block_sparse_moe.gate = router
 
 
-@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+@pytest.mark.skipif(not chip.on_cuda(),
                     reason="a CUDA kernel: runs on the GPU machine")
 @pytest.mark.parametrize("rows,experts,k", [((2, 2), 8, 2), ((4, 1), 5, 3), ((8, 4), 4, 1)])
 def test_cuda_decode_kernel_equals_gather_qmm(monkeypatch, rows, experts, k):
@@ -282,7 +282,7 @@ def _quantized_block(dims: int, hidden: int, experts: int, k: int, group_size: i
     return block
 
 
-@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+@pytest.mark.skipif(not chip.on_cuda(),
                     reason="a CUDA kernel: runs on the GPU machine")
 @pytest.mark.parametrize("dims,hidden,experts,k,group_size", [
     (128, 256, 8, 2, 64), (160, 96, 5, 3, 32), (256, 384, 4, 1, 128), (64, 1088, 4, 2, 64)])
@@ -318,7 +318,7 @@ def test_cuda_grouped_kernel_equals_gather_qmm(dims, hidden, experts, k, group_s
             raise AssertionError(f"{tokens} tokens: {e}") from None
 
 
-@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+@pytest.mark.skipif(not chip.on_cuda(),
                     reason="a CUDA kernel: runs on the GPU machine")
 def test_kernel_block_picks_a_path_by_step_size():
     """KernelMoeBlock: one token through cuda_qmv, up to MAX_TOKENS through
@@ -341,7 +341,7 @@ def test_kernel_block_picks_a_path_by_step_size():
         assert mx.array_equal(block.plus(x, residual), residual + got)
 
 
-@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+@pytest.mark.skipif(not chip.on_cuda(),
                     reason="a CUDA kernel: runs on the GPU machine")
 @pytest.mark.parametrize("dims", [4096, 136])
 def test_cuda_add_rms_norm_equals_ops(dims):
@@ -389,7 +389,7 @@ def test_kernel_decoder_layer_hands_prefill_to_the_portable_layer():
     assert all(mx.array_equal(a, b) for a, b in zip(caches[0].state, caches[1].state))
 
 
-@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+@pytest.mark.skipif(not chip.on_cuda(),
                     reason="a CUDA kernel: runs on the GPU machine")
 def test_kernel_decoder_layer_equals_portable_layer():
     """KernelDecoderLayer (residual adds inside kernels) against the portable
@@ -422,7 +422,7 @@ def test_kernel_decoder_layer_equals_portable_layer():
                          rel=2e-2)
 
 
-@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+@pytest.mark.skipif(not chip.on_cuda(),
                     reason="a CUDA kernel: runs on the GPU machine")
 @pytest.mark.parametrize("out_dims,in_dims,group_size", [(50, 96, 32), (256, 128, 64),
                                                          (112, 384, 128), (40, 1088, 64)])
@@ -503,7 +503,7 @@ def test_grouped_kernels_compile_two_variants_at_most():
     assert [tiles[n] for n in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 2, 2, 2, 2]
 
 
-@pytest.mark.skipif(not (mx.cuda.is_available() and mx.default_device() == mx.gpu),
+@pytest.mark.skipif(not chip.on_cuda(),
                     reason="a CUDA kernel: runs on the GPU machine")
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (12, 4, 64), (6, 6, 32)])
 def test_cuda_batch_attention_equals_masked_sdpa(heads, kv_heads, head_dim):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mlx_hermes
-from mlx_hermes import HermesError, generate, stream_generate
+from mlx_hermes import HermesError, chip, generate, stream_generate
 from mlx_hermes.generate import StopStrings
 from mlx_hermes.sampling import SamplingParams
 
@@ -188,7 +188,7 @@ def test_repetition_penalty_discourages_repeats(loaded):
     assert not set(penalised) & set(prompt)
 
 
-@pytest.mark.skipif(mx.cuda.is_available() and mx.default_device() == mx.gpu,
+@pytest.mark.skipif(chip.on_cuda(),
                     reason="refused on CUDA (cache.check_kv_bits): MLX's CUDA build gets the "
                     "quantized KV cache's attention wrong or lacks it (benchmarks/mlx_cuda_bugs.md)")
 def test_quantized_kv_cache_follows_the_float_one(loaded):

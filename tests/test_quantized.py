@@ -10,6 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_hermes
+from mlx_hermes import chip
 from mlx_hermes.model import checkpoint_expert_names
 from mlx_hermes.moe import Experts
 
@@ -23,7 +24,7 @@ def mlx_lm_logits(path, tokens):
     return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
 
 
-ON_CUDA = mx.cuda.is_available() and mx.default_device() == mx.gpu
+ON_CUDA = chip.on_cuda()
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (5, 32), (6, 32), (8, 32), (4, 64)])
